@@ -1,0 +1,1 @@
+"""torchrun and SLURM launchers (docs/launch.md)."""

@@ -1,0 +1,1 @@
+"""Distil small CLIP students from open_clip teachers on DeepSpeed (docs/training.md)."""

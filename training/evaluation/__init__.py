@@ -1,0 +1,1 @@
+"""Zero-shot, retrieval, model cost and run reports (docs/evaluation.md)."""

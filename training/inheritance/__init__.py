@@ -1,0 +1,1 @@
+"""Weight inheritance from a teacher: manual and learned-mask (docs/inheritance.md)."""
