@@ -13,9 +13,10 @@ venv: $(STAMP)
 $(STAMP): requirements.lock setup.py
 	@echo "== building $(VENV) from requirements.lock (first time: a few minutes)"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@$(PY) -m pip install -q --upgrade pip==26.3 setuptools==84.2.1 wheel==0.48.0
-	@DS_BUILD_OPS=0 $(PY) -m pip install -q -r requirements.lock
-	@$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	@set -o pipefail; $(PY) -m pip install -q --upgrade pip==26.3 setuptools==84.2.1 wheel==0.48.0 2>&1 | { grep -v '^WARNING: Location' || true; }
+	@# the machine's pip.conf names local indexes that warn on every package: keep the log readable
+	@set -o pipefail; DS_BUILD_OPS=0 $(PY) -m pip install -q -r requirements.lock 2>&1 | { grep -v '^WARNING: Location' || true; }
+	@set -o pipefail; $(PY) -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | { grep -vE '^WARNING: Location|^ +' || true; }
 	@touch $(STAMP)
 
 demo: venv

@@ -1,0 +1,96 @@
+"""Run a script under real torchrun (CPU, gloo) from a test, with a timeout and captured output.
+
+Usage:
+    from tests.helpers.torchrun import run_torchrun
+    result = run_torchrun(["tests/training/dist_grad_worker.py", "--out", str(tmp_path)], nproc=2)
+    result = run_torchrun(["-m", "training", "--config", cfg], nproc=2, timeout=400)
+
+`args` are what follows torchrun's own options: a script path and its arguments, or
+`-m module ...`. The ranks run `python -m torch.distributed.run --standalone` (a free port per call,
+so tests can run side by side) with the CPU forced (no CUDA, DeepSpeed's CPU accelerator) and one
+thread per rank. On a non-zero exit or a timeout it raises `TorchrunError` whose message ends with
+the tail of the combined output, so a failing test shows the rank's traceback.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+# What every rank gets unless the caller overrides it: CPU only, one thread, nothing online.
+CPU_GLOO_ENV = {
+    "CUDA_VISIBLE_DEVICES": "",
+    "DS_ACCELERATOR": "cpu",
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "WANDB_MODE": "disabled",
+    "NO_ALBUMENTATIONS_UPDATE": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+class TorchrunError(AssertionError):
+    """torchrun exited non-zero or ran past its timeout; the message carries the output tail."""
+
+
+def torchrun_command(args: list[str], nproc: int, nnodes: int = 1) -> list[str]:
+    """The argv that launches `args` on `nproc` local ranks (single node, standalone rendezvous)."""
+    return [
+        sys.executable, "-m", "torch.distributed.run",
+        "--standalone", f"--nnodes={nnodes}", f"--nproc_per_node={nproc}",
+        "--max_restarts=0",
+        *[str(a) for a in args],
+    ]
+
+
+def torchrun_env(env: dict | None = None) -> dict:
+    """os.environ + the CPU/gloo defaults + the repo on PYTHONPATH + the caller's `env` (wins)."""
+    merged = dict(os.environ)
+    merged.update(CPU_GLOO_ENV)
+    python_path = [str(REPO_ROOT)] + [p for p in merged.get("PYTHONPATH", "").split(os.pathsep) if p]
+    merged["PYTHONPATH"] = os.pathsep.join(python_path)
+    merged.update({k: str(v) for k, v in (env or {}).items()})
+    return merged
+
+
+def run_torchrun(
+    args: list[str],
+    nproc: int,
+    env: dict | None = None,
+    timeout: int = 300,
+    cwd: str | os.PathLike | None = None,
+    check: bool = True,
+) -> subprocess.CompletedProcess:
+    """Run `torchrun --standalone --nproc_per_node nproc ARGS`; return the finished process.
+
+    stdout and stderr are captured together in `result.stdout` (text). The whole process group
+    is killed on timeout, so no orphan rank survives a hung test. `check=False` returns the
+    result of a failed run instead of raising (for tests that expect a failure).
+    """
+    cmd = torchrun_command(args, nproc)
+    proc = subprocess.Popen(
+        cmd, cwd=str(cwd or REPO_ROOT), env=torchrun_env(env),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,  # own process group: a timeout kills the agent and every rank
+    )
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        raise TorchrunError(f"torchrun timed out after {timeout}s: {' '.join(cmd)}\n"
+                            f"{_tail(output)}") from None
+    result = subprocess.CompletedProcess(cmd, proc.returncode, stdout=output, stderr="")
+    if check and proc.returncode != 0:
+        raise TorchrunError(f"torchrun exited {proc.returncode}: {' '.join(cmd)}\n{_tail(output)}")
+    return result
+
+
+def _tail(text: str, max_chars: int = 6000) -> str:
+    return text if len(text) <= max_chars else "...\n" + text[-max_chars:]
