@@ -19,13 +19,16 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import sys
 from dataclasses import dataclass
 
-# torchrun's agent forwards these to its ranks. SIGUSR1 is the SLURM preemption warning; without
-# it in the list the agent would die of the signal's default action and orphan its ranks.
-FORWARDED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
-# Seconds the agent waits for its ranks to write the preemption checkpoint before SIGKILL.
+# SIGUSR1 is the preemption warning. It goes to the ranks only (SLURM signals every process of
+# the job step; on a plain machine send it to the rank processes): the torchrun agent ignores it
+# (see `ignore_preemption_signal`), waits for its ranks to checkpoint and exit 0, and then exits 0
+# itself through its normal exit barrier, so no node is torn down while another still saves.
+PREEMPTION_SIGNAL = signal.SIGUSR1
+# Seconds the agent waits for its ranks to exit after a SIGTERM before it sends SIGKILL.
 DEFAULT_SHUTDOWN_TIMEOUT = 600
 DEFAULT_MASTER_PORT = 29500
 
@@ -69,7 +72,6 @@ def torchrun_command(plan: TorchrunPlan, program: list[str], python: str = sys.e
     plan.validate()
     cmd = [python, "-m", "torch.distributed.run",
            f"--nproc-per-node={plan.nproc_per_node}", "--max-restarts=0",
-           f"--signals-to-handle={FORWARDED_SIGNALS}",
            f"--shutdown-timeout={plan.shutdown_timeout}"]
     if plan.nnodes == 1 and not plan.master_addr:
         cmd += ["--standalone", "--nnodes=1"]
@@ -146,7 +148,17 @@ def main(argv: list[str] | None = None) -> int:
         print(shlex.join(cmd))
         return 0
     sys.stdout.flush()
+    ignore_preemption_signal()
     os.execv(cmd[0], cmd)  # same pid: signals sent to this process reach the torchrun agent
+
+
+def ignore_preemption_signal() -> None:
+    """Make this process (and the torchrun agent exec'd into it) ignore SIGUSR1.
+
+    The disposition survives exec and is inherited by the ranks, whose trainer installs its own
+    SIGUSR1 handler; the agent, which installs none for it, would otherwise be killed by it.
+    """
+    signal.signal(PREEMPTION_SIGNAL, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 PRECISIONS = ("fp32", "bf16", "fp16")
 FEATURE_KINDS = ("mse", "cosine")
 WANDB_MODES = ("disabled", "offline", "online")
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
 
 class ConfigError(ValueError):
@@ -34,6 +35,7 @@ class DataConfig:
     workers: int = 1  # DataLoader workers per rank
     shuffle_buffer: int = 1000
     max_corrupt_fraction: float = 0.01  # stop with an error above this fraction of bad samples
+    corrupt_min_samples: int = 1000  # ... once at least this many samples were read
 
 
 @dataclass
@@ -203,6 +205,8 @@ def validate(cfg: TrainConfig, *, cuda_available: Optional[bool] = None) -> None
     _require(not data.resampled or (data.samples_per_epoch or 0) > 0, "data.samples_per_epoch",
              "required (> 0) when data.resampled is true")
     sources = len(data.train.split("::"))
+    _require(data.train_weights is None or data.resampled, "data.train_weights",
+             "sampling weights need data.resampled=true (exact epochs read every sample once)")
     _require(data.train_weights is None or len(data.train_weights) == sources,
              "data.train_weights", f"needs one weight per '::' source ({sources})")
     _require(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", "must be >= 0")
@@ -213,8 +217,11 @@ def validate(cfg: TrainConfig, *, cuda_available: Optional[bool] = None) -> None
     _require(cfg.eval.every_steps >= 0, "eval.every_steps", "must be >= 0")
     _require(cfg.eval.every_steps == 0 or cfg.eval.val or cfg.eval.zeroshot, "eval.every_steps",
              "> 0 but neither eval.val nor eval.zeroshot is set")
-    for key, value in (("model.student_init", model.student_init),):
-        _require(value is None or os.path.isfile(value), key, f"file not found: {value}")
+    _require(model.student_init is None or os.path.isfile(model.student_init),
+             "model.student_init", f"file not found: {model.student_init}")
+    pretrained = model.teacher_pretrained
+    _require(pretrained is None or not pretrained.endswith(WEIGHT_FILE_SUFFIXES)
+             or os.path.isfile(pretrained), "model.teacher_pretrained", f"file not found: {pretrained}")
     resume = cfg.checkpoint.resume
     _require(resume in (None, "latest") or os.path.isdir(resume), "checkpoint.resume",
              f"must be null, 'latest' or an existing checkpoint directory, got {resume!r}")

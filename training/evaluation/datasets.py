@@ -48,7 +48,11 @@ class EvalSet:
 
 
 def open_eval_set(path: str | os.PathLike) -> EvalSet:
-    """Describe the evaluation set at `path` (shard folder or ImageFolder tree), checking it first."""
+    """Describe the evaluation set at `path`, checking it first: a shard folder, an ImageFolder
+    tree, or shard files as a brace pattern (`DIR/val-{000000..000003}.tar`, `::`-joined lists
+    allowed; class names and templates are then read from the first shard's folder)."""
+    if str(path).endswith(".tar"):
+        return _shard_pattern_set(str(path))
     path = Path(path)
     if not path.is_dir():
         raise EvalDataError(f"{path}: evaluation set not found (expected a folder of .tar shards "
@@ -57,9 +61,10 @@ def open_eval_set(path: str | os.PathLike) -> EvalSet:
     classnames = _read_lines(path / CLASSNAMES_FILE)
     templates = _read_lines(path / TEMPLATES_FILE)
     if templates is not None:
-        bad = [t for t in templates if "{c}" not in t]
+        bad = [t for t in templates if "{c}" not in t and "{}" not in t]
         if bad:
-            raise EvalDataError(f"{path / TEMPLATES_FILE}: template without '{{c}}': {bad[0]!r}")
+            raise EvalDataError(f"{path / TEMPLATES_FILE}: template without '{{c}}' (or '{{}}'): "
+                                f"{bad[0]!r}")
     if shards:
         return EvalSet(path, "shards", shards, classnames, templates)
     class_dirs = sorted(p.name for p in path.iterdir() if p.is_dir())
@@ -68,23 +73,38 @@ def open_eval_set(path: str | os.PathLike) -> EvalSet:
     raise EvalDataError(f"{path}: no .tar shards and no class folders")
 
 
+def _shard_pattern_set(spec: str) -> EvalSet:
+    from braceexpand import braceexpand  # webdataset's own dependency, same pattern syntax
+
+    shards = [url for part in spec.split("::") for url in braceexpand(part)]
+    missing = [url for url in shards if not Path(url).is_file()]
+    if missing:
+        raise EvalDataError(f"{spec}: shard {missing[0]} not found"
+                            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    folder = Path(shards[0]).parent
+    return EvalSet(folder, "shards", shards, _read_lines(folder / CLASSNAMES_FILE),
+                   _read_lines(folder / TEMPLATES_FILE))
+
+
 def _read_lines(path: Path) -> list[str] | None:
     if not path.exists():
         return None
     return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def reader_share(n_shards: int, rank: int, world_size: int) -> tuple[int, int, int, int]:
+def reader_share(n_shards: int, rank: int, world_size: int, whole_stream: bool = False
+                 ) -> tuple[int, int, int, int]:
     """Which part this (rank, worker) reads: (shard_start, shard_step, sample_start, sample_step).
 
     With at least one shard per reader the shards are dealt out (no tar is opened twice);
-    with fewer shards than readers every reader walks all shards and keeps every n-th sample.
+    with fewer shards than readers, or when `whole_stream` is asked (a sample cap counts
+    samples across all shards), every reader walks all shards and keeps every n-th sample.
     Either way each sample goes to exactly one reader.
     """
     info = get_worker_info()
     worker, workers = (info.id, info.num_workers) if info else (0, 1)
     reader, readers = rank * workers + worker, world_size * workers
-    if n_shards >= readers:
+    if n_shards >= readers and not whole_stream:
         return reader, readers, 0, 1
     return 0, 1, reader, readers
 
@@ -96,16 +116,19 @@ class ShardEvalDataset(IterableDataset):
     loader worker processes; `collate_eval` drops it and counts it per reason.
     """
 
-    def __init__(self, shards: list[str], transform: Callable, rank: int = 0, world_size: int = 1):
+    def __init__(self, shards: list[str], transform: Callable, rank: int = 0, world_size: int = 1,
+                 max_samples: int | None = None):
         self.shards, self.transform = shards, transform
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.max_samples = rank, world_size, max_samples
 
     def __iter__(self) -> Iterator[dict]:
         shard_start, shard_step, sample_start, sample_step = reader_share(
-            len(self.shards), self.rank, self.world_size)
+            len(self.shards), self.rank, self.world_size, whole_stream=self.max_samples is not None)
         urls = self.shards[shard_start::shard_step]
         samples = wds.tarfile_samples([{"url": u} for u in urls])
         for index, raw in enumerate(samples):
+            if self.max_samples is not None and index >= self.max_samples:
+                return
             if index % sample_step != sample_start:
                 continue
             yield self._decode(raw)
@@ -137,11 +160,14 @@ def _captions(raw: dict) -> list[str]:
 class ImageFolderEvalDataset(Dataset):
     """This rank's share (every world_size-th file) of an ImageFolder tree, same dict items."""
 
-    def __init__(self, root: Path, transform: Callable, rank: int = 0, world_size: int = 1):
+    def __init__(self, root: Path, transform: Callable, rank: int = 0, world_size: int = 1,
+                 max_samples: int | None = None):
         from torchvision.datasets import ImageFolder  # torchvision's class order and extensions
 
         self.folder = ImageFolder(str(root))
-        self.indices = list(range(rank, len(self.folder.samples), world_size))
+        total = len(self.folder.samples) if max_samples is None else min(
+            max_samples, len(self.folder.samples))
+        self.indices = list(range(rank, total, world_size))
         self.transform = transform
 
     def __len__(self) -> int:
@@ -170,11 +196,13 @@ def collate_eval(items: list[dict]) -> dict:
 
 
 def build_eval_loader(eval_set: EvalSet, transform: Callable, batch_size: int, workers: int = 0,
-                      rank: int = 0, world_size: int = 1) -> DataLoader:
-    """A loader over this rank's share of `eval_set`, in a deterministic order, no drop_last."""
+                      rank: int = 0, world_size: int = 1, max_samples: int | None = None
+                      ) -> DataLoader:
+    """A loader over this rank's share of `eval_set` (the first `max_samples` samples in shard
+    order when given), deterministic, no drop_last."""
     if eval_set.kind == "shards":
-        dataset = ShardEvalDataset(eval_set.shards, transform, rank, world_size)
+        dataset = ShardEvalDataset(eval_set.shards, transform, rank, world_size, max_samples)
     else:
-        dataset = ImageFolderEvalDataset(eval_set.path, transform, rank, world_size)
+        dataset = ImageFolderEvalDataset(eval_set.path, transform, rank, world_size, max_samples)
     return DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                       collate_fn=collate_eval, shuffle=False, drop_last=False)

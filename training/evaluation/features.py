@@ -91,7 +91,7 @@ def encode_loader(model, loader: Iterable[dict], device, precision: str = "fp32"
                 local["texts"].append(encode_texts(model, tokenizer, captions, device, precision))
                 local["n_captions"] += [len(caps) for caps in batch["captions"]]
     model.train(was_training)
-    shares = _gather_objects(_pack(local), world_size)
+    shares = gather_objects(_pack(local), world_size)
     return _merge(shares, with_texts=tokenizer is not None)
 
 
@@ -104,7 +104,7 @@ def _pack(local: dict) -> dict:
             "n_captions": local["n_captions"], "skipped": dict(local["skipped"])}
 
 
-def _gather_objects(obj, world_size: int) -> list:
+def gather_objects(obj, world_size: int) -> list:
     """all_gather_object when distributed; [obj] otherwise."""
     if world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
         return [obj]

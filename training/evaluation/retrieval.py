@@ -32,7 +32,6 @@ def retrieval_ranks(image_features: torch.Tensor, text_features: torch.Tensor,
         t2i[start:start + chunk] = (sim > own).sum(1)
 
     i2t = torch.empty(n_images, dtype=torch.long)
-    positive = torch.zeros(chunk, n_texts, dtype=torch.bool)
     for start in range(0, n_images, chunk):
         sim = img[start:start + chunk] @ txt.T                           # [n, T]
         rows = torch.arange(start, start + len(sim))
@@ -42,7 +41,6 @@ def retrieval_ranks(image_features: torch.Tensor, text_features: torch.Tensor,
         if torch.isinf(best).any():
             missing = int(rows[torch.isinf(best[:, 0])][0])
             raise ValueError(f"image {missing} has no caption")
-    del positive
     return i2t, t2i
 
 

@@ -1,0 +1,445 @@
+"""ShardSetWriter: turn an indexed source of samples into a WebDataset shard set.
+
+The plan is deterministic: the source enumerates its items in a stable order and item i goes to
+shard i // samples_per_shard with key f"{i:09d}". Every shard is therefore an independent unit of
+work: worker processes write shards in parallel, each to a hidden `.NAME.partial` file that is
+renamed when complete. A shard's record (count, skips per reason, sha256) is saved under
+`.progress/` just before that rename, so a rerun of an interrupted conversion keeps the finished
+shards and redoes only the missing ones. Tar members carry fixed metadata (mtime 0, uid/gid 0,
+sorted order) and encoders are deterministic, so the result is byte-identical to an
+uninterrupted run. At the end sizes.json and manifest.json are written atomically (the shard
+contract: docs/data.md).
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import hashlib
+import io
+import json
+import math
+import multiprocessing
+import os
+import queue as queue_module
+import shutil
+import tarfile
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from tqdm import tqdm
+
+from data_tools import __version__
+from data_tools.errors import DataError, Skip
+
+MANIFEST_NAME = "manifest.json"
+SIZES_NAME = "sizes.json"
+PROGRESS_DIR = ".progress"
+MAX_EXAMPLES_PER_REASON = 20
+KEY_DIGITS = 9
+# Output errors that mean "this folder or disk cannot take the shards": a clean one-line stop.
+OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+class Source(Protocol):
+    """What a converter hands the writer: a fixed, ordered list of input items.
+
+    `sample(i)` builds item i's tar members ({extension: bytes}) or raises `Skip`; it must be
+    deterministic and must not depend on which process calls it (sources are pickled into
+    worker processes). Optional attributes: `pre_skipped` (Counter of items dropped while
+    planning, e.g. duplicate ids) and `pre_skipped_examples` ({reason: [dict, ...]}).
+    """
+
+    def __len__(self) -> int: ...
+
+    def sample(self, index: int) -> dict[str, bytes]: ...
+
+    def describe(self, index: int) -> str: ...
+
+
+@dataclass
+class ShardRecord:
+    """What one finished shard holds; the unit of resume and of manifest.json's "shards"."""
+
+    name: str
+    count: int
+    sha256: str
+    bytes: int
+    skipped: dict[str, int] = field(default_factory=dict)
+    skipped_examples: dict[str, list] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Where each item goes; shared read-only by every worker."""
+
+    out_dir: Path
+    prefix: str
+    samples_per_shard: int
+    num_items: int
+    fingerprint: str
+
+    @property
+    def num_shards(self) -> int:
+        return math.ceil(self.num_items / self.samples_per_shard)
+
+    def shard_name(self, shard: int) -> str:
+        return f"{self.prefix}-{shard:06d}.tar"
+
+    def items(self, shard: int) -> range:
+        start = shard * self.samples_per_shard
+        return range(start, min(start + self.samples_per_shard, self.num_items))
+
+    def key(self, index: int) -> str:
+        return f"{index:0{max(KEY_DIGITS, len(str(self.num_items)))}d}"
+
+
+# ---------------------------------------------------------------- small file helpers (public)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary sibling, fsync, rename: readers see the old file or the new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _output_error(path, e) from None
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=False, ensure_ascii=False) + "\n")
+
+
+def ensure_writable_dir(path: Path) -> Path:
+    """Create `path` if needed and prove a file can be written there, before any real work."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-probe"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise DataError(f"output folder {path} is not writable: {e.strerror or e}") from None
+    return path
+
+
+def write_sizes(out_dir: Path, counts: dict[str, int]) -> None:
+    """sizes.json: {shard basename: sample count}, what open_clip's trainer reads."""
+    atomic_write_json(Path(out_dir) / SIZES_NAME, dict(sorted(counts.items())))
+
+
+def write_manifest(out_dir: Path, *, source: str, arguments: dict, records: list[ShardRecord],
+                   extra: dict | None = None, plan: str | None = None,
+                   pre_skipped: dict[str, int] | None = None,
+                   pre_skipped_examples: dict[str, list] | None = None) -> dict:
+    """manifest.json: tool version, source, arguments, counts written and skipped per reason,
+    sha256 per shard. Also used by the laion converter for img2dataset's output."""
+    skipped = Counter(pre_skipped or {})
+    examples = {k: list(v) for k, v in (pre_skipped_examples or {}).items()}
+    for record in records:
+        skipped.update(record.skipped)
+        for reason, items in record.skipped_examples.items():
+            examples.setdefault(reason, []).extend(items)
+    written = sum(r.count for r in records)
+    manifest = {
+        "tool": "clip-data",
+        "version": __version__,
+        "source": source,
+        "arguments": arguments,
+        "plan": plan,
+        "items": written + sum(skipped.values()),
+        "written": written,
+        "skipped": dict(sorted(skipped.items())),
+        "skipped_examples": {k: v[:MAX_EXAMPLES_PER_REASON] for k, v in sorted(examples.items())},
+        "shards": [{"name": r.name, "count": r.count, "sha256": r.sha256, "bytes": r.bytes,
+                    "skipped": r.skipped} for r in records],
+    }
+    if extra:
+        manifest.update(extra)
+    atomic_write_json(Path(out_dir) / MANIFEST_NAME, manifest)
+    return manifest
+
+
+CLASSNAMES_NAME = "classnames.txt"
+TEMPLATES_NAME = "zeroshot_classification_templates.txt"
+
+
+def write_label_files(out_dir: Path, classnames: list[str], templates) -> None:
+    """A labelled set's classnames.txt (index order) and templates (one per line, with {c}):
+    the files clip_benchmark reads next to its shards."""
+    for template in templates:
+        if "{c}" not in template:
+            raise DataError(f"zero-shot template {template!r} has no {{c}} placeholder")
+    atomic_write_text(Path(out_dir) / CLASSNAMES_NAME, "".join(f"{c}\n" for c in classnames))
+    atomic_write_text(Path(out_dir) / TEMPLATES_NAME, "".join(f"{t}\n" for t in templates))
+
+
+def add_writer_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every converter subcommand shares."""
+    group = parser.add_argument_group("shard set")
+    group.add_argument("--samples-per-shard", type=int, default=10000,
+                       help="samples per tar file (default 10000)")
+    group.add_argument("--prefix", default="shard", help="shard file prefix (default: shard)")
+    group.add_argument("--workers", type=int, default=1, help="processes writing shards")
+    group.add_argument("--overwrite", action="store_true",
+                       help="replace a shard set written with different arguments")
+    group.add_argument("--no-progress", dest="progress", action="store_false",
+                       help="no progress bar")
+
+
+RUN_ONLY_ARGUMENTS = {"func", "command", "workers", "progress", "overwrite", "out"}
+
+
+def content_arguments(args: argparse.Namespace) -> dict:
+    """The parsed options that define a shard set's content, for its manifest and plan: what
+    only changes how the run goes (workers, progress bar) is left out, paths are made absolute."""
+    return {k: str(Path(v).resolve()) if isinstance(v, Path) else v
+            for k, v in sorted(vars(args).items()) if k not in RUN_ONLY_ARGUMENTS}
+
+
+def writer_from_args(args: argparse.Namespace, out_dir: Path, *, source: str,
+                     arguments: dict) -> "ShardSetWriter":
+    return ShardSetWriter(out_dir, source=source, arguments=arguments, prefix=args.prefix,
+                          samples_per_shard=args.samples_per_shard, workers=args.workers,
+                          progress=args.progress, overwrite=args.overwrite)
+
+
+def _output_error(path: Path, e: OSError) -> Exception:
+    if e.errno == errno.ENOSPC or e.errno == errno.EDQUOT:
+        return DataError(f"disk full while writing {path}; finished shards are kept: free space "
+                         "and rerun the same command to resume")
+    if e.errno in OUTPUT_ERRNOS:
+        return DataError(f"cannot write {path}: {e.strerror}")
+    return e
+
+
+# ---------------------------------------------------------------- one shard (runs in a worker)
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """Fixed metadata so that the same samples always give the same bytes."""
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_shard(source: Source, plan: ShardPlan, shard: int, progress=None) -> ShardRecord:
+    """Write shard `shard` of `plan` (hidden partial file, progress record, atomic rename).
+
+    We write the tar with the standard library rather than webdataset's TarWriter because we
+    need exact control of every header byte for byte-identical reruns.
+    """
+    name = plan.shard_name(shard)
+    final = plan.out_dir / name
+    partial = plan.out_dir / f".{name}.partial"
+    skipped: Counter = Counter()
+    examples: dict[str, list] = {}
+    count = pending = 0
+    try:
+        with open(partial, "wb") as f:
+            with tarfile.open(fileobj=f, mode="w", format=tarfile.GNU_FORMAT) as tar:
+                for index in plan.items(shard):
+                    try:
+                        members = source.sample(index)
+                    except Skip as skip:
+                        skipped[skip.reason] += 1
+                        if len(examples.setdefault(skip.reason, [])) < MAX_EXAMPLES_PER_REASON:
+                            examples[skip.reason].append(
+                                {"shard": name, "item": source.describe(index),
+                                 "detail": skip.detail})
+                    else:
+                        key = plan.key(index)
+                        for ext in sorted(members):
+                            _add_member(tar, f"{key}.{ext}", members[ext])
+                        count += 1
+                    pending += 1
+                    if progress is not None and pending >= 16:
+                        progress(pending)
+                        pending = 0
+            f.flush()
+            os.fsync(f.fileno())
+        record = ShardRecord(name=name, count=count, sha256=sha256_file(partial),
+                             bytes=partial.stat().st_size, skipped=dict(sorted(skipped.items())),
+                             skipped_examples=examples)
+        _save_progress_record(plan, record)
+        os.replace(partial, final)
+    except (OSError, DataError) as e:
+        partial.unlink(missing_ok=True)
+        raise (_output_error(final, e) if isinstance(e, OSError) else e) from None
+    if progress is not None and pending:
+        progress(pending)
+    return record
+
+
+def _save_progress_record(plan: ShardPlan, record: ShardRecord) -> None:
+    folder = plan.out_dir / PROGRESS_DIR
+    folder.mkdir(exist_ok=True)
+    atomic_write_json(folder / f"{record.name}.json", {"plan": plan.fingerprint, **asdict(record)})
+
+
+_WORKER: dict = {}
+
+
+def _init_worker(source, plan, progress_queue) -> None:
+    _WORKER.update(source=source, plan=plan, queue=progress_queue)
+
+
+def _write_shard_in_worker(shard: int) -> ShardRecord:
+    return write_shard(_WORKER["source"], _WORKER["plan"], shard, _WORKER["queue"].put)
+
+
+# ---------------------------------------------------------------- the writer
+
+
+class ShardSetWriter:
+    """Writes one shard set: `{prefix}-{000000..}.tar` + sizes.json + manifest.json in `out_dir`.
+
+    `arguments` are the options that define the content (recorded in the manifest and hashed
+    into the plan fingerprint: a rerun with other arguments is refused unless `overwrite`).
+    """
+
+    def __init__(self, out_dir: Path, *, source: str, arguments: dict, prefix: str = "shard",
+                 samples_per_shard: int = 10000, workers: int = 1, progress: bool = True,
+                 overwrite: bool = False):
+        if samples_per_shard < 1:
+            raise DataError(f"--samples-per-shard must be at least 1, got {samples_per_shard}")
+        if workers < 1:
+            raise DataError(f"--workers must be at least 1, got {workers}")
+        if not prefix or "." in prefix or "/" in prefix:
+            raise DataError(f"--prefix must be non-empty without '.' or '/', got {prefix!r}")
+        self.out_dir = Path(out_dir)
+        self.source_name = source
+        self.arguments = arguments
+        self.prefix = prefix
+        self.samples_per_shard = samples_per_shard
+        self.workers = workers
+        self.progress = progress
+        self.overwrite = overwrite
+
+    def plan(self, num_items: int) -> ShardPlan:
+        identity = {"version": __version__, "source": self.source_name,
+                    "arguments": self.arguments, "prefix": self.prefix,
+                    "samples_per_shard": self.samples_per_shard, "items": num_items}
+        fingerprint = hashlib.sha256(
+            json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return ShardPlan(self.out_dir, self.prefix, self.samples_per_shard, num_items, fingerprint)
+
+    def write(self, source: Source, extra_manifest: dict | None = None) -> dict:
+        """Write every shard not already finished; return the manifest."""
+        ensure_writable_dir(self.out_dir)
+        plan = self.plan(len(source))
+        done = self._finished_shards(plan)
+        todo = [s for s in range(plan.num_shards) if s not in done]
+        for stale in self.out_dir.glob(f".{self.prefix}-*.tar.partial"):
+            stale.unlink()
+        with tqdm(total=plan.num_items, unit="sample", unit_scale=True, smoothing=0.1,
+                  initial=sum(len(plan.items(s)) for s in done), disable=not self.progress,
+                  desc=f"{self.source_name} -> {self.out_dir.name}", dynamic_ncols=True) as bar:
+            if self.workers == 1 or len(todo) <= 1:
+                for shard in todo:
+                    done[shard] = write_shard(source, plan, shard, bar.update)
+            else:
+                done.update(self._write_in_pool(source, plan, todo, bar))
+        records = [done[s] for s in range(plan.num_shards)]
+        write_sizes(self.out_dir, {r.name: r.count for r in records})
+        manifest = write_manifest(
+            self.out_dir, source=self.source_name, arguments=self.arguments, records=records,
+            plan=plan.fingerprint, extra=extra_manifest,
+            pre_skipped=getattr(source, "pre_skipped", None),
+            pre_skipped_examples=getattr(source, "pre_skipped_examples", None))
+        shutil.rmtree(self.out_dir / PROGRESS_DIR, ignore_errors=True)
+        return manifest
+
+    def _write_in_pool(self, source, plan, todo, bar) -> dict[int, ShardRecord]:
+        """Shards in parallel processes; workers report finished samples through a queue so
+        that the progress bar moves per sample, not per shard."""
+        ctx = multiprocessing.get_context("spawn")  # safe next to threads (torch, tqdm)
+        progress_queue = ctx.Queue()
+        results = {}
+        with ctx.Pool(min(self.workers, len(todo)), initializer=_init_worker,
+                      initargs=(source, plan, progress_queue)) as pool:
+            pending = {s: pool.apply_async(_write_shard_in_worker, (s,)) for s in todo}
+            while pending:
+                try:
+                    bar.update(progress_queue.get(timeout=0.2))
+                except queue_module.Empty:
+                    pass
+                for shard in [s for s, r in pending.items() if r.ready()]:
+                    results[shard] = pending.pop(shard).get()  # re-raises a worker's DataError
+            while True:
+                try:
+                    bar.update(progress_queue.get_nowait())
+                except queue_module.Empty:
+                    break
+        return results
+
+    def _finished_shards(self, plan: ShardPlan) -> dict[int, ShardRecord]:
+        """Shards of this same plan that a previous run completed (manifest or .progress/)."""
+        records = {}
+        for entry in self._previous_records():
+            if entry.pop("plan", None) != plan.fingerprint:
+                if not self.overwrite:
+                    raise DataError(
+                        f"{self.out_dir} holds a shard set written with different arguments; "
+                        "use an empty folder or pass --overwrite")
+                self._clear()
+                return {}
+            records[entry["name"]] = ShardRecord(**entry)
+        done = {}
+        for shard in range(plan.num_shards):
+            record = records.get(plan.shard_name(shard))
+            path = self.out_dir / plan.shard_name(shard)
+            if record and path.is_file() and path.stat().st_size == record.bytes \
+                    and sha256_file(path) == record.sha256:
+                done[shard] = record
+        return done
+
+    def _previous_records(self) -> list[dict]:
+        entries = []
+        manifest_path = self.out_dir / MANIFEST_NAME
+        if manifest_path.is_file():
+            try:
+                manifest = json.loads(manifest_path.read_text())
+                for shard in manifest.get("shards", []):
+                    examples = {k: [e for e in v if e.get("shard") == shard["name"]]
+                                for k, v in manifest.get("skipped_examples", {}).items()}
+                    entries.append({"plan": manifest.get("plan"), **shard,
+                                    "skipped_examples": {k: v for k, v in examples.items() if v}})
+            except (ValueError, KeyError, TypeError):
+                entries.append({"plan": "unreadable manifest"})
+        for path in sorted((self.out_dir / PROGRESS_DIR).glob("*.json")):
+            try:
+                entries.append(json.loads(path.read_text()))
+            except ValueError:
+                path.unlink()  # a torn record: that shard is simply redone
+        return entries
+
+    def _clear(self) -> None:
+        for path in self.out_dir.glob(f"{self.prefix}-*.tar"):
+            path.unlink()
+        for name in (MANIFEST_NAME, SIZES_NAME):
+            (self.out_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(self.out_dir / PROGRESS_DIR, ignore_errors=True)

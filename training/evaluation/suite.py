@@ -1,0 +1,69 @@
+"""One evaluation task end to end: a model and a set's path -> a metrics dict.
+
+Shared by `clip-eval` and the trainer's periodic evaluation, so both give the same numbers.
+Every rank calls these functions (collectives inside); every rank gets the same result.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import open_clip
+import torch
+
+from training.evaluation.datasets import build_eval_loader, open_eval_set
+from training.evaluation.features import EvalFeatures, encode_loader, unwrap_model
+from training.evaluation.retrieval import retrieval_metrics
+from training.evaluation.zeroshot import (build_classifier, resolve_classnames,
+                                          resolve_templates, zeroshot_metrics)
+
+
+def default_transform(model: torch.nn.Module) -> Callable:
+    """open_clip's eval transform at the model's image size and normalisation."""
+    visual = unwrap_model(model).visual
+    return open_clip.image_transform(visual.image_size, is_train=False,
+                                     mean=getattr(visual, "image_mean", None),
+                                     std=getattr(visual, "image_std", None))
+
+
+def default_tokenizer(model: torch.nn.Module) -> Callable:
+    """open_clip's CLIP BPE tokenizer at the model's context length (every CLIP-text model)."""
+    model = unwrap_model(model)
+    context = getattr(model, "context_length", None) or 77
+    return open_clip.SimpleTokenizer(context_length=context)
+
+
+def _features(model, path, *, transform, tokenizer, device, precision, batch_size, workers,
+              rank, world_size, max_samples) -> tuple[EvalFeatures, object]:
+    eval_set = open_eval_set(path)
+    loader = build_eval_loader(eval_set, transform, batch_size, workers, rank, world_size,
+                               max_samples)
+    features = encode_loader(model, loader, device, precision, tokenizer, rank, world_size)
+    return features, eval_set
+
+
+def run_zeroshot(model, path, *, tokenizer, transform, device="cpu", precision="fp32",
+                 batch_size=64, workers=0, rank=0, world_size=1, max_samples=None,
+                 classnames: str | None = None, templates: str | None = None) -> dict:
+    """Zero-shot top-1/top-5/mean per-class recall on a labelled set (shards or ImageFolder)."""
+    eval_set = open_eval_set(path)
+    names = resolve_classnames(classnames, eval_set.classnames)
+    prompts = resolve_templates(templates, eval_set.templates)
+    classifier = build_classifier(model, tokenizer, names, prompts, device, precision,
+                                  rank, world_size)
+    features, _ = _features(model, path, transform=transform, tokenizer=None, device=device,
+                            precision=precision, batch_size=batch_size, workers=workers,
+                            rank=rank, world_size=world_size, max_samples=max_samples)
+    metrics = zeroshot_metrics(features.image_features, features.labels, classifier)
+    metrics["num_templates"] = len(prompts)
+    return {**metrics, **{f"skipped/{k}": v for k, v in features.skipped.items()}}
+
+
+def run_retrieval(model, path, *, tokenizer, transform, device="cpu", precision="fp32",
+                  batch_size=64, workers=0, rank=0, world_size=1, max_samples=None) -> dict:
+    """i2t / t2i R@1/5/10, median and mean rank on a captioned set (all captions per image)."""
+    features, _ = _features(model, path, transform=transform, tokenizer=tokenizer, device=device,
+                            precision=precision, batch_size=batch_size, workers=workers,
+                            rank=rank, world_size=world_size, max_samples=max_samples)
+    metrics = retrieval_metrics(features.image_features, features.text_features,
+                                features.text_to_image)
+    return {**metrics, **{f"skipped/{k}": v for k, v in features.skipped.items()}}

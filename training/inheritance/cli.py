@@ -1,0 +1,147 @@
+"""`clip-inherit` / `python -m training.inheritance`: write an inherited-weight checkpoint.
+
+    clip-inherit --teacher ViT-B-32 --teacher-pretrained /data/vit_b_32.safetensors \\
+        --student TinyCLIP-ViT-61M-32-Text-29M --out runs/inherit-61m \\
+        --depth uniform --width activation --data '/data/shards/train-{000000..000009}.tar'
+
+writes runs/inherit-61m/student.safetensors and inheritance.json (record.py); a training run
+starts from it with `model.student_init=runs/inherit-61m/student.safetensors`. Rerunning with
+the same inputs prints "up to date" and does nothing.
+
+--width: front (TinyCLIP's slicing), weight-norm (importance by weight norms, no data), or
+activation (importance by activation statistics on --batches batches of --data shards).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+
+import torch
+
+from .. import models
+from .importance import activation_scores, weight_norm_scores
+from .manual import DEPTH_RULES, apply_plan, plan_inheritance
+from .record import file_sha256, is_up_to_date, weights_file_of, write_checkpoint
+
+WIDTH_CHOICES = ("front", "weight-norm", "activation")
+log = logging.getLogger("clip-inherit")
+
+
+@dataclass
+class InheritRequest:
+    """Everything one inheritance depends on (what the record's inputs hash covers)."""
+    teacher: str
+    student: str
+    out: str
+    teacher_pretrained: str | None = None
+    depth: str = "uniform"
+    width: str = "front"
+    data: str | None = None
+    batches: int = 4
+    batch_size: int = 32
+
+
+def _inputs(req: InheritRequest) -> dict:
+    """The record's inputs: names resolved to configs and weight files to hashes."""
+    teacher_name = models.resolve_model_name(req.teacher)
+    student_name = models.resolve_model_name(req.student)
+    weights = weights_file_of(req.teacher_pretrained) or weights_file_of(req.teacher)
+    return {
+        "teacher": {"model": req.teacher, "pretrained": req.teacher_pretrained,
+                    "model_cfg": _model_cfg(teacher_name),
+                    "weights_sha256": file_sha256(weights) if weights else None},
+        "student": {"model": req.student, "model_cfg": _model_cfg(student_name)},
+        "method": {"depth": req.depth, "width": req.width,
+                   "data": req.data if req.width == "activation" else None,
+                   "batches": req.batches if req.width == "activation" else None,
+                   "batch_size": req.batch_size if req.width == "activation" else None},
+    }
+
+
+def _model_cfg(name: str) -> dict | None:
+    import json
+    import open_clip
+    if name.startswith("local-dir:"):
+        return json.loads((Path(name[len("local-dir:"):]) / models.EXPORT_CONFIG_FILE).read_text())["model_cfg"]
+    return open_clip.get_model_config(name)
+
+
+def _check(req: InheritRequest) -> None:
+    """Bad arguments fail here, in one line, before any model is built."""
+    if req.depth not in DEPTH_RULES:
+        raise ValueError(f"--depth {req.depth!r}: expected one of {', '.join(DEPTH_RULES)}")
+    if req.width not in WIDTH_CHOICES:
+        raise ValueError(f"--width {req.width!r}: expected one of {', '.join(WIDTH_CHOICES)}")
+    if req.width == "activation" and not req.data:
+        raise ValueError("--width activation needs --data (a shard spec)")
+    if req.batches < 1 or req.batch_size < 1:
+        raise ValueError(f"--batches and --batch-size must be >= 1 (got {req.batches}, {req.batch_size})")
+    if req.teacher_pretrained and not weights_file_of(req.teacher_pretrained) \
+            and Path(req.teacher_pretrained).suffix in models.STATE_DICT_SUFFIXES:
+        raise ValueError(f"--teacher-pretrained {req.teacher_pretrained}: file not found")
+
+
+def _scores(req: InheritRequest, teacher: torch.nn.Module, info) -> dict | None:
+    if req.width == "front":
+        return None
+    if req.width == "weight-norm":
+        return weight_norm_scores(teacher)
+    from ..data.eval import build_eval_loader
+    loader = build_eval_loader(req.data, info.preprocess_cfg, info.tokenizer, req.batch_size,
+                               all_captions=False)
+    batches = ((b["image"], b["text"]) for b in islice(loader, req.batches))
+    return activation_scores(teacher, batches)
+
+
+def run_inherit(req: InheritRequest) -> Path:
+    """Inherit and write the checkpoint (or skip when up to date); returns the weights path."""
+    _check(req)
+    inputs = _inputs(req)
+    out = Path(req.out)
+    if is_up_to_date(out, inputs):
+        log.info(f"{out}: up to date, nothing to do")
+        return out / "student.safetensors"
+    teacher, tinfo = models.build_teacher(req.teacher, req.teacher_pretrained)
+    student, sinfo = models.build_student(req.student)
+    plan = plan_inheritance(teacher, student, req.depth,
+                            "front" if req.width == "front" else "importance",
+                            _scores(req, teacher, tinfo))
+    state = apply_plan(teacher.state_dict(), student, plan)
+    models.load_strict(student, state, "inherited state")  # every student tensor filled
+    details = {"mapping": plan.to_json(),
+               "param_counts": {"teacher": tinfo.param_counts, "student": sinfo.param_counts}}
+    weights = write_checkpoint(out, state, inputs, details)
+    log.info(f"{weights}: student {sinfo.param_counts} from teacher {tinfo.param_counts}")
+    return weights
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="clip-inherit", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", required=True, help="open_clip name, JSON config or local-dir:DIR")
+    p.add_argument("--teacher-pretrained", help="state-dict file or open_clip tag")
+    p.add_argument("--student", required=True, help="open_clip name or JSON config")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--depth", default="uniform", choices=DEPTH_RULES)
+    p.add_argument("--width", default="front", choices=WIDTH_CHOICES)
+    p.add_argument("--data", help="shard spec for --width activation")
+    p.add_argument("--batches", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=32)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    log.setLevel(logging.INFO)
+    args = build_parser().parse_args(argv)
+    req = InheritRequest(**{k: v for k, v in vars(args).items()})
+    try:
+        run_inherit(req)
+    except ValueError as err:  # expected bad input: one line, no traceback
+        print(f"clip-inherit: error: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,160 @@
+"""The distillation objective: affinity mimicking + ground-truth CLIP contrastive + feature distillation.
+
+    loss_fn = DistillationLoss(affinity_weight=1.0, clip_weight=0.0, fixed_logit_scale=50.0)
+    terms = loss_fn(student_out, teacher_out)      # {"loss", "affinity"}; teacher None = plain CLIP
+
+Both inputs are open_clip output dicts: `image_features`, `text_features` (L2-normalised, row i of
+the images pairs with row i of the texts) and `logit_scale` (exponentiated). Everything is computed
+in fp32 whatever the models ran in.
+
+Distributed convention (local loss, gather with gradient): each rank scores ITS rows against the
+columns of ALL ranks (features gathered with `gather_with_grad`) and returns the mean over its
+rows. The full-batch loss is the mean of the per-rank losses, so when the engine AVERAGES gradients
+over ranks (DeepSpeed and DDP do) the result is exactly the single-process full-batch gradient; no
+extra scaling. All ranks must pass the same number of rows.
+
+Rows may come from anywhere: the teacher dict can hold precomputed embeddings read from shards,
+and the student's rows can be the concatenation of this rank's micro-batches with all but one
+detached (OpenCLIP-style feature caching for gradient accumulation). The loss assumes nothing about
+where rows came from; each backward then yields the full-batch gradient through the rows that carry
+a graph, and summing the micro-steps' backwards gives the full-batch gradient (an engine that
+divides by gradient_accumulation_steps, as DeepSpeed does, needs the loss multiplied by it).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from training.distributed import gather_with_grad
+
+FEATURE_KINDS = ("mse", "cosine")
+
+
+def soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of -sum_j p_j log softmax(logits)_j (= KL(p || q) + H(p))."""
+    return -(target_probs * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
+
+
+def contrastive_targets(local_ids: torch.Tensor, global_ids: torch.Tensor) -> torch.Tensor:
+    """Target distribution of each local row over the global columns: uniform over the columns
+    with the same id. With ids = row positions this is one-hot (one positive per row); giving
+    several captions of one image the same id makes it the multi-positive target."""
+    positives = (local_ids[:, None] == global_ids[None, :]).float()
+    return positives / positives.sum(dim=1, keepdim=True)
+
+
+def local_and_global_ids(num_local: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global row positions of this rank's rows and of all rows (rank-order concatenation)."""
+    world = torch.distributed.get_world_size() if _distributed() else 1
+    rank = torch.distributed.get_rank() if _distributed() else 0
+    global_ids = torch.arange(num_local * world, device=device)
+    return global_ids[rank * num_local:(rank + 1) * num_local], global_ids
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def symmetric_logits(image_local, text_local, image_all, text_all, scale):
+    """(image -> text, text -> image) logits: local rows x global columns, times `scale`."""
+    return scale * image_local @ text_all.T, scale * text_local @ image_all.T
+
+
+class DistillationLoss(nn.Module):
+    """affinity_weight * affinity + clip_weight * clip + feature_weight * feature.
+
+    affinity: TinyCLIP's affinity mimicking: soft-target cross-entropy of the student's
+        image->text and text->image logits against softmax of the teacher's, averaged.
+    clip: the ground-truth contrastive loss (OpenCLIP's ClipLoss), on the student alone.
+    feature: MSE or cosine distance between student and teacher embeddings, per row; a learned
+        linear projection maps student to teacher width when they differ (its parameters live in
+        this module: put them in the optimizer, e.g. by wrapping student and loss in one module).
+    fixed_logit_scale: e.g. 50.0 (TinyCLIP's recipes) for student and teacher in every term;
+        None uses the student's learned scale and the teacher's own.
+    TinyCLIP's alpha maps to affinity_weight=alpha, clip_weight=1-alpha.
+    """
+
+    def __init__(self, affinity_weight: float = 1.0, clip_weight: float = 0.0,
+                 feature_weight: float = 0.0, feature_kind: str = "mse",
+                 student_dim: int | None = None, teacher_dim: int | None = None,
+                 fixed_logit_scale: float | None = None):
+        super().__init__()
+        if feature_kind not in FEATURE_KINDS:
+            raise ValueError(f"loss feature_kind {feature_kind!r}: expected one of {FEATURE_KINDS}")
+        if min(affinity_weight, clip_weight, feature_weight) < 0:
+            raise ValueError("loss weights must be >= 0 (affinity_weight, clip_weight, feature_weight)")
+        if affinity_weight == clip_weight == feature_weight == 0:
+            raise ValueError("loss: all weights are 0 (affinity_weight, clip_weight, feature_weight)")
+        if fixed_logit_scale is not None and fixed_logit_scale <= 0:
+            raise ValueError(f"loss fixed_logit_scale {fixed_logit_scale}: must be > 0 (or None)")
+        self.affinity_weight = affinity_weight
+        self.clip_weight = clip_weight
+        self.feature_weight = feature_weight
+        self.feature_kind = feature_kind
+        self.fixed_logit_scale = fixed_logit_scale
+        needs_projection = (feature_weight > 0 and student_dim is not None
+                            and teacher_dim is not None and student_dim != teacher_dim)
+        self.projection = nn.Linear(student_dim, teacher_dim, bias=False) if needs_projection else None
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.affinity_weight > 0 or self.feature_weight > 0
+
+    def forward(self, student: dict, teacher: dict | None = None) -> dict[str, torch.Tensor]:
+        """{"loss": weighted total (with graph)} + each active term unweighted and detached."""
+        if teacher is None and self.needs_teacher:
+            raise ValueError("loss: affinity_weight or feature_weight > 0 needs teacher outputs")
+        s_img, s_txt = (student[k].float() for k in ("image_features", "text_features"))
+        s_img_all, s_txt_all = gather_with_grad(s_img), gather_with_grad(s_txt)
+        s_scale = self._scale(student["logit_scale"])
+        terms: dict[str, torch.Tensor] = {}
+        if self.affinity_weight > 0:
+            s_logits = symmetric_logits(s_img, s_txt, s_img_all, s_txt_all, s_scale)
+            t_img, t_txt = (teacher[k].float().detach() for k in ("image_features", "text_features"))
+            t_logits = symmetric_logits(t_img, t_txt, gather_with_grad(t_img), gather_with_grad(t_txt),
+                                        self._teacher_scale(teacher))
+            terms["affinity"] = sum(soft_cross_entropy(s, t.softmax(dim=-1))
+                                    for s, t in zip(s_logits, t_logits)) / 2
+        if self.clip_weight > 0:
+            local_ids, global_ids = local_and_global_ids(s_img.shape[0], s_img.device)
+            targets = contrastive_targets(local_ids, global_ids)
+            s_logits = symmetric_logits(s_img, s_txt, s_img_all, s_txt_all, s_scale)
+            terms["clip"] = sum(soft_cross_entropy(s, targets) for s in s_logits) / 2
+        if self.feature_weight > 0:
+            terms["feature"] = (self._feature_distance(s_img, teacher["image_features"])
+                                + self._feature_distance(s_txt, teacher["text_features"])) / 2
+        weights = {"affinity": self.affinity_weight, "clip": self.clip_weight,
+                   "feature": self.feature_weight}
+        total = sum(weights[name] * value for name, value in terms.items())
+        return {"loss": total, **{name: value.detach() for name, value in terms.items()}}
+
+    def _scale(self, logit_scale: torch.Tensor) -> torch.Tensor:
+        """The (exponentiated) scale a term uses. A fixed scale still touches the learned one with
+        weight 0, so the student's logit_scale gets a (zero) gradient every step, as DDP and
+        DeepSpeed expect of every trainable parameter."""
+        logit_scale = logit_scale.float().reshape(())
+        if self.fixed_logit_scale is None:
+            return logit_scale
+        return self.fixed_logit_scale + 0.0 * logit_scale
+
+    def _teacher_scale(self, teacher: dict) -> torch.Tensor | float:
+        """The fixed scale, else the teacher's own (precomputed teacher outputs may omit it when
+        the scale is fixed)."""
+        if self.fixed_logit_scale is not None:
+            return self.fixed_logit_scale
+        if teacher.get("logit_scale") is None:
+            raise ValueError("loss: teacher outputs lack logit_scale and fixed_logit_scale is None")
+        return teacher["logit_scale"].float().reshape(()).detach()
+
+    def _feature_distance(self, student_features: torch.Tensor, teacher_features: torch.Tensor
+                          ) -> torch.Tensor:
+        teacher_features = teacher_features.float().detach()
+        if self.projection is not None:
+            student_features = self.projection(student_features.to(self.projection.weight.dtype)).float()
+        if student_features.shape != teacher_features.shape:
+            raise ValueError(f"loss feature term: student features {tuple(student_features.shape)} vs "
+                             f"teacher {tuple(teacher_features.shape)}; give student_dim and teacher_dim")
+        if self.feature_kind == "mse":
+            return F.mse_loss(student_features, teacher_features)
+        return (1 - F.cosine_similarity(student_features, teacher_features, dim=-1)).mean()

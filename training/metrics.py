@@ -1,0 +1,102 @@
+"""What a run reports: a console line, RUN_DIR/metrics.jsonl, TensorBoard and W&B.
+
+Only rank 0 writes. The trainer hands over plain floats (already averaged over ranks) at each
+log step; this module adds throughput, data-wait time and ETA, and fans the record out to the
+sinks. Plain logging, no progress bar: the output goes to SLURM log files as often as to a tty.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Optional
+
+from training.config import LogConfig
+
+log = logging.getLogger("training")
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+class MetricsLogger:
+    def __init__(self, cfg: LogConfig, run_dir: str, *, rank: int, world_size: int,
+                 total_steps: int, samples_per_step: int, config: Optional[dict] = None):
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.total_steps, self.samples_per_step = total_steps, samples_per_step
+        self.enabled = rank == 0
+        self._window_start = time.perf_counter()
+        self._window_steps = 0
+        self._window_wait = 0.0
+        self._jsonl = self._tb = self._wandb = None
+        if not self.enabled:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        if cfg.wandb != "disabled":
+            import wandb
+            self._wandb = wandb.init(project=cfg.wandb_project, mode=cfg.wandb, dir=run_dir,
+                                     config=config, name=os.path.basename(run_dir.rstrip("/")),
+                                     resume="allow")
+
+    def step_done(self, data_wait_s: float) -> None:
+        """Called every optimizer step (cheap): accumulates the window's timing."""
+        self._window_steps += 1
+        self._window_wait += data_wait_s
+
+    def log_train(self, step: int, values: dict[str, float]) -> Optional[dict]:
+        """Write one record for `step` (values: losses, lr, logit scales, data stats)."""
+        now = time.perf_counter()
+        elapsed = max(now - self._window_start, 1e-9)
+        steps = max(self._window_steps, 1)
+        samples_per_s = self._window_steps * self.samples_per_step / elapsed
+        record = {"step": step, **values,
+                  "samples_per_s": samples_per_s,
+                  "samples_per_s_per_rank": samples_per_s / self.world_size,
+                  "step_time_s": elapsed / steps,
+                  "data_wait_s": self._window_wait / steps,
+                  "eta_s": (self.total_steps - step) * elapsed / steps}
+        self._window_start, self._window_steps, self._window_wait = now, 0, 0.0
+        if not self.enabled:
+            return record
+        losses = " ".join(f"{k} {v:.4f}" for k, v in values.items() if k.startswith("loss"))
+        scales = " ".join(f"{k} {v:.1f}" for k, v in values.items() if "scale" in k)
+        log.info(f"step {step}/{self.total_steps} | {losses} | lr {values.get('lr', 0):.3g} | "
+                 f"{scales} | {samples_per_s:.1f} samples/s ({samples_per_s / self.world_size:.1f}"
+                 f"/rank) | data wait {record['data_wait_s'] * 1000:.0f} ms/step | "
+                 f"eta {format_duration(record['eta_s'])}")
+        self._write(record, step, prefix="train")
+        return record
+
+    def log_eval(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled or not values:
+            return
+        log.info(f"eval step {step} | " + " ".join(f"{k} {v:.4f}" for k, v in values.items()))
+        self._write({"step": step, **{f"eval/{k}": v for k, v in values.items()}}, step,
+                    prefix=None)
+
+    def _write(self, record: dict, step: int, prefix: Optional[str]) -> None:
+        self._jsonl.write(json.dumps({**record, "time": time.time()}) + "\n")
+        self._jsonl.flush()
+        scalars = {(f"{prefix}/{k}" if prefix else k): v for k, v in record.items()
+                   if k != "step" and isinstance(v, (int, float))}
+        if self._tb is not None:
+            for key, value in scalars.items():
+                self._tb.add_scalar(key, value, step)
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
