@@ -121,12 +121,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB") if image.mode != "RGB" else image
 
 
-def resize_shorter_side(image: Image.Image, max_size: int) -> Image.Image:
-    width, height = image.size
-    shorter = min(width, height)
-    if not max_size or shorter <= max_size:
+def resize_shorter_side(image: Image.Image, max_size: int,
+                        original: tuple[int, int] | None = None) -> Image.Image:
+    """Shorter side down to max_size (never up). The aspect ratio comes from `original`, the
+    size before JPEG draft decoding, whose rounding would otherwise shift it by a pixel."""
+    width, height = original or image.size
+    if not max_size or min(width, height) <= max_size:
         return image
-    scale = max_size / shorter
+    scale = max_size / min(width, height)
     size = (max(max_size, round(width * scale)), max(max_size, round(height * scale)))
     return image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
 
@@ -145,7 +147,7 @@ def prepare_image(data: bytes, options: ImageOptions, name: str = "") -> Encoded
     image, original = open_image(data, options, name)
     if min(original) < options.min_size:
         raise Skip("image_too_small", f"{name}: {original[0]}x{original[1]}")
-    image = resize_shorter_side(image, options.max_size)
+    image = resize_shorter_side(image, options.max_size, original)
     return EncodedImage(encode_image(image, options), options.format, image.size[0],
                         image.size[1], *original)
 

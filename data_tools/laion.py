@@ -135,10 +135,10 @@ def filter_rows(table: pd.DataFrame, url_col: str, caption_col: str,
         drop(~(punsafe <= filters.max_punsafe), "punsafe", punsafe)
     if filters.min_width is not None:
         width = _numeric(table[filters.width_col])
-        drop(~(width >= filters.min_width), "too_small", width)
+        drop(~(width >= filters.min_width), "metadata_too_small", width)
     if filters.min_height is not None:
         height = _numeric(table[filters.height_col])
-        drop(~(height >= filters.min_height), "too_small", height)
+        drop(~(height >= filters.min_height), "metadata_too_small", height)
 
     kept = reason.isna()
     extras = [c for c in table.columns
@@ -424,7 +424,8 @@ def convert(metadata: Path, out_dir: Path, *, url_col: str = "URL", caption_col:
         raise DataError(f"{metadata}: no row left after filtering "
                         f"({_counts_text(filtered.skipped)})")
     out_dir = ensure_writable_dir(out_dir)
-    prepare_output(out_dir, plan_fingerprint(filtered.rows, options), overwrite)
+    fingerprint = plan_fingerprint(filtered.rows, options)
+    prepare_output(out_dir, fingerprint, overwrite)
 
     num_shards = math.ceil(len(filtered.rows) / options.samples_per_shard)
     if not set(range(num_shards)) <= finished_shards(out_dir):
@@ -435,7 +436,7 @@ def convert(metadata: Path, out_dir: Path, *, url_col: str = "URL", caption_col:
 
     write_sizes(out_dir, {r.name: r.count for r in records})
     manifest = write_manifest(
-        out_dir, source="laion", arguments=arguments or {}, records=records,
+        out_dir, source="laion", arguments=arguments or {}, records=records, plan=fingerprint,
         pre_skipped=filtered.skipped, pre_skipped_examples=filtered.examples,
         extra={"metadata_rows": len(table), "downloaded_rows": len(filtered.rows),
                "img2dataset": {"version": _img2dataset_version(),

@@ -102,3 +102,10 @@ def existing_dir(path: Path, what: str) -> Path:
     if not path.is_dir():
         raise DataError(f"{what} {path} is not a folder")
     return path
+
+
+def print_summary(manifest: dict, out: Path) -> None:
+    """The one line a converter prints when done."""
+    skipped = ", ".join(f"{k} {v}" for k, v in manifest["skipped"].items()) or "none"
+    print(f"{manifest['written']} samples in {len(manifest['shards'])} shards -> {out} "
+          f"(skipped: {skipped})")

@@ -34,7 +34,8 @@ import torch.distributed as dist
 
 from training import models
 from training.accumulation import concat_outputs, with_live_micro_batch
-from training.checkpoint import CheckpointManager, TrainState, consolidated_state_dict
+from training.checkpoint import (CheckpointManager, TrainState, consolidated_state_dict,
+                                 tag_for_step)
 from training.config import TrainConfig, save_config, to_dict
 from training.data import build_train_loader
 from training.distributed import all_reduce_flag, init_distributed
@@ -163,7 +164,7 @@ class Trainer:
                 self.state.samples_seen += self.samples_per_step
                 self.after_step(values, data_wait_s)
                 if all_reduce_flag(preempt["set"]):
-                    self.save_checkpoint()
+                    self.save_checkpoint()  # no-op if this step was just saved
                     log.warning(f"preempted at step {self.state.step}: checkpoint written")
                     return False
         self.finish()
@@ -268,7 +269,11 @@ class Trainer:
         return results
 
     def save_checkpoint(self) -> str:
-        self.last_checkpoint = self.checkpoints.save(self.engine, self.state, to_dict(self.cfg))
+        """Save this step (once: a step saved already is not written again)."""
+        tag = tag_for_step(self.state.step)
+        if self.last_checkpoint is None or os.path.basename(self.last_checkpoint) != tag:
+            self.last_checkpoint = self.checkpoints.save(self.engine, self.state,
+                                                         to_dict(self.cfg))
         return self.last_checkpoint
 
     def maybe_resume(self) -> None:
@@ -283,9 +288,7 @@ class Trainer:
     def finish(self) -> None:
         """Final checkpoint, evaluation, export; done.json last (its presence means complete)."""
         cfg = self.cfg
-        if self.last_checkpoint is None or not self.last_checkpoint.endswith(
-                f"{self.state.step:08d}"):
-            self.save_checkpoint()
+        self.save_checkpoint()
         evaluated_now = cfg.eval.every_steps and self.state.step % cfg.eval.every_steps == 0
         if cfg.eval.at_end and (cfg.eval.val or cfg.eval.zeroshot) and not evaluated_now:
             self.evaluate()

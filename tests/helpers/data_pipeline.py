@@ -1,6 +1,7 @@
 """Shared test code for the training data pipeline (tests/training/test_data*.py)."""
 from __future__ import annotations
 
+import functools
 import io
 import json
 from pathlib import Path
@@ -18,6 +19,7 @@ TINY_PREPROCESS = {"size": (64, 64), "mode": "RGB", "mean": OPENAI_DATASET_MEAN,
                    "fill_color": 0}
 
 
+@functools.lru_cache(maxsize=None)
 def tiny_tokenizer():
     open_clip.add_model_config(str(Path(__file__).resolve().parents[2] / "configs" / "models"))
     return open_clip.get_tokenizer("Tiny-ViT-Student")

@@ -35,7 +35,8 @@ def make_synthetic_shards(out_dir, train: int = 256, val: int = 64, zeroshot: in
     out_dir = Path(out_dir)
     folders = write_synthetic(out_dir, train=train, val=val, zeroshot=zeroshot,
                               image_size=image_size, seed=seed,
-                              samples_per_shard=samples_per_shard, progress=False)
+                              samples_per_shard=samples_per_shard, progress=False,
+                              overwrite=True)
     paths: dict = {"root": out_dir}
     for split, folder in folders.items():
         paths[split] = folder

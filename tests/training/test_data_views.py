@@ -1,13 +1,13 @@
 """Paired teacher/student views of one crop, and the caption drawn per sample."""
 from __future__ import annotations
 
-import itertools
 import json
 import random
 
 import pytest
 import torch
 import torchvision.transforms.functional as TF
+import webdataset as wds
 
 from tests.helpers.data_pipeline import TINY_PREPROCESS, train_loader
 from tests.helpers.shards import make_synthetic_shards
@@ -65,7 +65,6 @@ def test_crop_box_draws_torchvision_scale_and_ratio():
 def test_caption_is_drawn_from_the_json_captions_and_seeded(shards):
     captions = {}
     for tar in sorted(shards["train"].glob("*.tar")):
-        import webdataset as wds
         for sample in wds.WebDataset(str(tar), shardshuffle=False):
             captions[sample["__key__"]] = json.loads(sample["json"])["captions"]
     cfg = dict(train=shards["train_shards"], batch_size=16, workers=0, seed=5)

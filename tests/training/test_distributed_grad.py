@@ -4,11 +4,14 @@ The slow test runs tests/training/dist_grad_worker.py under real torchrun (2 ran
 DeepSpeed engines: each rank holds half the batch, DeepSpeed averages the gradients over ranks, and
 the result must equal one process's gradients on the full batch.
 """
+import os
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.helpers.torchrun import run_torchrun
+from tests.helpers.torchrun import TorchrunError, run_torchrun
 from training.distributed import (all_reduce_flag, expand_tasks_per_node, first_host, gather_with_grad,
                                   rank_info_from_env)
 from training.losses import DistillationLoss
@@ -156,3 +159,40 @@ def test_two_ranks_give_the_full_batch_gradient(tmp_path):
             for param, grad in grads.items():
                 assert torch.allclose(dist_grads[param], grad, atol=1e-5, rtol=1e-4), (name, param)
         assert grads["visual.conv1.weight"].abs().sum() > 0 and grads["text_projection"].abs().sum() > 0
+
+
+# ------------------------------------------------------------------ the torchrun helper itself
+
+FAILING_SCRIPT = """
+import os, sys, time
+from pathlib import Path
+rank = int(os.environ["RANK"])
+Path(sys.argv[1], f"pid{rank}").write_text(str(os.getpid()))
+if sys.argv[2] == "hang":
+    time.sleep(120)
+if rank == 1:
+    raise SystemExit("rank 1 gives up: " + os.environ["CUDA_VISIBLE_DEVICES"] + "|" + os.environ["DS_ACCELERATOR"])
+"""
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"  # a zombie is dead too
+
+
+@pytest.mark.slow
+def test_torchrun_helper_reports_a_failing_rank_and_kills_a_hung_run(tmp_path):
+    script = tmp_path / "script.py"
+    script.write_text(FAILING_SCRIPT)
+    with pytest.raises(TorchrunError, match=r"exited 1(.|\n)*rank 1 gives up: \|cpu"):
+        run_torchrun([str(script), str(tmp_path), "fail"], nproc=2, timeout=120)
+    result = run_torchrun([str(script), str(tmp_path), "fail"], nproc=2, timeout=120, check=False)
+    assert result.returncode == 1 and "rank 1 gives up" in result.stdout
+
+    with pytest.raises(TorchrunError, match="timed out after 20s"):
+        run_torchrun([str(script), str(tmp_path), "hang"], nproc=2, timeout=20)
+    pids = [int((tmp_path / f"pid{r}").read_text()) for r in range(2)]
+    assert not any(pid_alive(pid) for pid in pids)

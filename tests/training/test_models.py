@@ -128,7 +128,8 @@ def test_teacher_is_frozen_and_loads_a_local_file(tmp_path, batch):
     teacher, info = build_teacher("Tiny-ViT-Teacher", pretrained=str(path))
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     assert info.embed_dim == 64
-    assert same_outputs(eval_outputs(teacher, batch), eval_outputs(source, batch))
+    # Frozen parameters let PyTorch take its fused attention path: equal up to rounding.
+    assert same_outputs(eval_outputs(teacher, batch), eval_outputs(source, batch), atol=1e-5)
     bf16, _ = build_teacher("Tiny-ViT-Teacher", pretrained=str(path), dtype="bf16")
     assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())
     out = eval_outputs(bf16, batch)  # fp32 images are cast to the teacher's dtype
@@ -179,7 +180,7 @@ def test_export_loads_strictly_in_open_clip_both_ways(tmp_path, batch):
     assert same_outputs(eval_outputs(from_file, batch), expected)
     # An export is a model name too: it can be the next stage's teacher.
     teacher, _ = build_teacher(f"local-dir:{out}")
-    assert same_outputs(eval_outputs(teacher, batch), expected)
+    assert same_outputs(eval_outputs(teacher, batch), expected, atol=1e-5)
 
 
 def test_export_from_a_consolidated_state_dict_and_a_wrong_one(tmp_path, batch):

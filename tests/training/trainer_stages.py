@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from tests.helpers.trainer import TINY_DISTILL, probe_batch, tiny_overrides
 from training import models
@@ -35,7 +36,8 @@ def fixed_batch_loss(trainer: Trainer, batch: dict) -> float:
 
 
 def train_run(name: str, extra: list[str], shards: str, out: Path, rank: int) -> dict:
-    overrides = tiny_overrides(shards, out / name, steps=STEPS) + ["optim.grad_clip=1.0"] + extra
+    overrides = tiny_overrides(shards, out / name, steps=STEPS) + [
+        "optim.grad_clip=1.0", "optim.lr=1e-4"] + extra
     trainer = Trainer(load_config(TINY_DISTILL, overrides))
     batch = next(iter(trainer.make_loader(epoch=0)))
     before = fixed_batch_loss(trainer, batch)
@@ -60,16 +62,15 @@ class NaiveAccumulationTrainer(Trainer):
         return {}
 
 
-def captured_gradient(trainer_cls, overrides: list[str], micro_batches: list[dict]) -> list:
-    """The gradients the optimizer sees at its first step."""
-    trainer = trainer_cls(load_config(TINY_DISTILL, overrides))
+def captured_gradient(trainer: Trainer, micro_batches: list[dict]) -> list:
+    """The gradients the optimizer sees at the trainer's next step."""
     grads = []
 
     def capture(optimizer, _args, _kwargs):
         grads.extend(p.grad.detach().float().clone() for group in optimizer.param_groups
                      for p in group["params"] if p.grad is not None)
 
-    handle = torch.optim.optimizer.register_optimizer_step_pre_hook(capture)
+    handle = register_optimizer_step_pre_hook(capture)
     try:
         trainer.train_step(micro_batches)
     finally:
@@ -90,12 +91,13 @@ def accumulation_run(stage: int, shards: str, out: Path) -> dict:
         "loss.clip_weight=0.5", "checkpoint.export_at_end=false"]
     full = common + ["data.batch_size=8", "optim.grad_accum_steps=1"]
     split = common + ["data.batch_size=4", "optim.grad_accum_steps=2"]
-    batch = next(iter(Trainer(load_config(TINY_DISTILL, full)).make_loader(epoch=0)))
+    full_batch_trainer = Trainer(load_config(TINY_DISTILL, full))
+    batch = next(iter(full_batch_trainer.make_loader(epoch=0)))
     halves = [{k: (v[i * 4:(i + 1) * 4] if v is not None else None) for k, v in batch.items()}
               for i in range(2)]
-    reference = captured_gradient(Trainer, full, [batch])
-    cached = captured_gradient(Trainer, split, halves)
-    naive = captured_gradient(NaiveAccumulationTrainer, split, halves)
+    reference = captured_gradient(full_batch_trainer, [batch])
+    cached = captured_gradient(Trainer(load_config(TINY_DISTILL, split)), halves)
+    naive = captured_gradient(NaiveAccumulationTrainer(load_config(TINY_DISTILL, split)), halves)
     return {"cached_vs_full": relative_difference(cached, reference),
             "naive_vs_full": relative_difference(naive, reference),
             "grad_norm": sum(g.pow(2).sum() for g in reference).sqrt().item(),

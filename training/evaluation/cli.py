@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "state-dict file; read from config.yaml for a run dir)")
     ev.add_argument("--zeroshot", metavar="DIR", help="labelled shards or ImageFolder tree")
     ev.add_argument("--classnames", help="'imagenet' or a file (default: DIR/classnames.txt)")
-    ev.add_argument("--templates", help="'openai' (80), 'simple' (18) or a file (default: "
+    ev.add_argument("--templates", help="'openai' (80), 'simple' (7) or a file (default: "
                     "DIR/zeroshot_classification_templates.txt, else 'a photo of a {c}.')")
     ev.add_argument("--retrieval", metavar="DIR", help="captioned test shards (json captions)")
     ev.add_argument("--cost", action="store_true", help="parameters, MACs and throughput")
@@ -71,8 +70,8 @@ def _check_eval_args(args) -> None:
             raise ValueError(f"--{name.replace('_', '-')} {value}: must be positive")
 
 
-def run_eval(args) -> dict:
-    """Every rank runs this; returns the record (identical on every rank)."""
+def run_eval(args) -> tuple[dict, int]:
+    """Every rank runs this; returns (the record, identical on every rank; this rank)."""
     import torch
 
     from training.evaluation.cost import model_cost
@@ -105,14 +104,26 @@ def run_eval(args) -> dict:
         record["cost"] = model_cost(loaded.model, args.cost_batch_size, args.precision,
                                     iters=args.cost_iters)
     record["eval_seconds"] = round(time.perf_counter() - started, 2)
-    return record
+    return record, rank
 
 
 def _init_distributed() -> tuple[int, int]:
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    """A plain torch.distributed process group from the launcher's variables (no DeepSpeed:
+    evaluation needs only all_gather_object, and DeepSpeed's import costs seconds per rank)."""
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    from training.distributed import rank_info_from_env
+
+    info = rank_info_from_env()
+    if info.world_size <= 1:
         return 0, 1
-    from training.distributed import init_distributed
-    info = init_distributed()
+    if info.backend == "nccl":
+        torch.cuda.set_device(info.local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(info.backend, timeout=timedelta(seconds=120))
     return info.rank, info.world_size
 
 
@@ -141,10 +152,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{path}: {written}")
             return 0
         _check_eval_args(args)
-        record = run_eval(args)
+        record, rank = run_eval(args)
     except (ValueError, FileNotFoundError) as err:
         parser.exit(2, f"clip-eval: error: {err}\n")
-    if int(os.environ.get("RANK", "0")) == 0:
+    if rank == 0:
         write_record(record, args.out)
     return 0
 

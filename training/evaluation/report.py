@@ -20,6 +20,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on clusters or CI
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 RANK_SUFFIXES = ("_median_rank", "_mean_rank")
 LOSS_TERMS = ("loss", "affinity", "clip", "feature")  # training.losses.DistillationLoss keys
@@ -67,21 +68,30 @@ def read_metrics(run_dir: str | Path, label: str | None = None) -> RunMetrics:
 
 
 def _panels_training(runs: list[RunMetrics]) -> list[tuple[str, list[str], bool]]:
-    """(title, keys, log y) for the training figure: losses, lr, throughput (those present)."""
+    """(title, keys, y scale factor) for the training figure: losses, lr, throughput, scale."""
     keys = sorted({k for r in runs for k in r.series if not k.startswith("eval/")})
     losses = [k for k in LOSS_TERMS if k in keys] + [
         k for k in keys if k.startswith("loss") and k not in LOSS_TERMS]
-    panels = [(k if k.startswith("loss") else f"loss term: {k}", [k], False) for k in losses]
-    panels += [(title, [k], False) for title, k in (
+    panels = [(k if k.startswith("loss") else f"loss term: {k}", [k], 1.0) for k in losses]
+    panels += [(title, [k], 1.0) for title, k in (
         ("learning rate", "lr"), ("throughput (samples/s)", "samples_per_s"),
         ("logit scale", "logit_scale")) if k in keys]
     return panels
 
 
-def _panels_eval(runs: list[RunMetrics]) -> list[tuple[str, list[str], bool]]:
-    keys = sorted({k for r in runs for k in r.series if k.startswith("eval/")})
-    return [(k.removeprefix("eval/"), [k], False) for k in keys
-            if not k.endswith(RANK_SUFFIXES) and "skipped" not in k]
+def _eval_order(key: str) -> tuple:
+    """zero-shot before retrieval, then top1/top5/recall/R@1/R@5/R@10 in that order."""
+    task, _, metric = key.removeprefix("eval/").rpartition("/")
+    order = ("top1", "top5", "mean_per_class_recall", "image_to_text_R@1", "image_to_text_R@5",
+             "image_to_text_R@10", "text_to_image_R@1", "text_to_image_R@5", "text_to_image_R@10")
+    return (task != "zeroshot", task, order.index(metric) if metric in order else 99, metric)
+
+
+def _panels_eval(runs: list[RunMetrics]) -> list[tuple[str, list[str], float]]:
+    """One panel per evaluation metric, in percent (ranks and skip counts left out)."""
+    keys = sorted({k for r in runs for k in r.series if k.startswith("eval/")
+                   and not k.endswith(RANK_SUFFIXES) and "skipped" not in k}, key=_eval_order)
+    return [(k.removeprefix("eval/") + " (%)", [k], 100.0) for k in keys]
 
 
 def plot_panels(runs: list[RunMetrics], panels, out_png: Path, title: str) -> Path | None:
@@ -91,18 +101,17 @@ def plot_panels(runs: list[RunMetrics], panels, out_png: Path, title: str) -> Pa
     ncols = min(3, len(panels))
     nrows = math.ceil(len(panels) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 3.4 * nrows), squeeze=False)
-    for ax, (name, keys, log_y) in zip(axes.flat, panels):
+    for ax, (name, keys, scale) in zip(axes.flat, panels):
         for colour, run in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10, runs):
             for key in keys:
                 if key in run.series:
                     steps, values = run.series[key]
-                    ax.plot(steps, values, color=colour, label=run.label,
+                    ax.plot(steps, [scale * v for v in values], color=colour, label=run.label,
                             marker="o" if len(steps) < 30 else None, markersize=3)
         ax.set_title(name)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        if log_y:
-            ax.set_yscale("log")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if name == "learning rate":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
     for ax in list(axes.flat)[len(panels):]:

@@ -4,7 +4,7 @@ Convention (OpenAI CLIP, open_clip, clip_benchmark): each class embedding is the
 normalised template embeddings, renormalised; logits = 100 * image @ classifier. Class names
 and templates come from the set's classnames.txt / zeroshot_classification_templates.txt,
 from files, or from open_clip.zero_shot_metadata ("imagenet" names, "openai" = the 80
-templates, "simple" = open_clip's 18).
+templates, "simple" = open_clip's 7).
 """
 from __future__ import annotations
 

@@ -72,8 +72,12 @@ def load_stages(path: str, overrides: list[str] = ()) -> StagesConfig:
     if not os.path.isfile(path):
         raise ValueError(f"{path}: stage config not found")
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(StagesConfig), OmegaConf.load(path),
-                                 OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(OmegaConf.structured(StagesConfig), OmegaConf.load(path))
+        for item in overrides:  # update() reaches into lists: stages.1.student=...
+            if "=" not in item:
+                raise ValueError(f"override {item!r}: expected key=value")
+            key, value = item.split("=", 1)
+            OmegaConf.update(merged, key, OmegaConf.from_dotlist([f"v={value}"])["v"], merge=True)
         missing = sorted(OmegaConf.missing_keys(merged))
         if missing:
             raise ValueError(f"{path}: key {missing[0]}: required value is missing")
@@ -90,6 +94,9 @@ def _validate(cfg: StagesConfig, path: str) -> None:
         raise ValueError(f"{path}: key stages: no stages")
     if not os.path.isfile(cfg.train_config):
         raise ValueError(f"{path}: key train_config: {cfg.train_config} not found")
+    if cfg.data is None and OmegaConf.is_missing(OmegaConf.load(cfg.train_config).get("data", {}), "train"):
+        raise ValueError(f"{path}: key data: required value is missing ({cfg.train_config} "
+                         f"has no data.train)")
     names = [s.name for s in cfg.stages]
     if len(set(names)) != len(names):
         raise ValueError(f"{path}: key stages: duplicate stage names {names}")
@@ -180,7 +187,8 @@ def run_stages(cfg: StagesConfig) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    log.setLevel(logging.INFO)
+    for name in ("clip-stages", "clip-inherit"):
+        logging.getLogger(name).setLevel(logging.INFO)
     parser = argparse.ArgumentParser(prog="clip-stages", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="stage recipe, e.g. configs/stages/tiny.yaml")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
