@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except DataError as e:
-        print(f"clip-data {args.command}: error: {e}", file=sys.stderr)
+        message = str(e).encode("utf-8", "backslashreplace").decode("utf-8")
+        print(f"clip-data {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"clip-data {args.command}: interrupted; rerun the same command to resume",

@@ -56,12 +56,17 @@ class RecordSource:
         if record.skip:
             raise Skip(record.skip, str(record.meta))
         name = str(record.image)
-        captions = clean_captions(record.captions, name) if self.require_caption else []
+        try:
+            captions = clean_captions(record.captions, name)
+        except Skip:
+            if self.require_caption:
+                raise
+            captions = []  # labelled sets: the class is the annotation, a caption is extra
         image = prepare_image_file(record.image, self.options)
         meta = {**record.meta, "captions": captions, "source": self.source,
                 "width": image.width, "height": image.height,
                 "original_width": image.original_width, "original_height": image.original_height}
-        members = {image.ext: image.data, "json": json.dumps(meta, ensure_ascii=False).encode()}
+        members = {image.ext: image.data, "json": json.dumps(meta, ensure_ascii=False).encode("utf-8", "backslashreplace")}
         if captions:
             members["txt"] = captions[0].encode()
         if record.label is not None:

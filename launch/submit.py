@@ -75,6 +75,9 @@ class JobSpec:
     env: list[str] = field(default_factory=list)  # KEY=VALUE exported before srun
     signal_lead: int = 120  # seconds before the time limit that SIGUSR1 arrives
     max_restarts: int = 3
+    # After a preemption signal the job repeats it this often (seconds) until the ranks have
+    # exited: a rank still starting up has no handler yet and ignores it.
+    resend_every: int = 30
     script: str | None = None  # run this script instead of `-m training`
     python: str = sys.executable
     workdir: str = field(default_factory=os.getcwd)
@@ -101,6 +104,8 @@ def validate(spec: JobSpec) -> None:
         value = getattr(spec, name)
         if value is not None and value < 1:
             raise SubmitError(f"--{name.replace('_', '-')} {value}: must be >= 1")
+    if spec.resend_every < 1:
+        raise SubmitError(f"--resend-every {spec.resend_every}: must be >= 1 second")
     for name in ("gpus_per_node", "max_restarts"):
         if getattr(spec, name) < 0:
             raise SubmitError(f"--{name.replace('_', '-')} {getattr(spec, name)}: must be >= 0")
@@ -193,6 +198,7 @@ def render(spec: JobSpec) -> str:
         max_restarts=spec.max_restarts,
         nproc_per_node=spec.nproc_per_node,
         signal_lead=spec.signal_lead,
+        resend_every=spec.resend_every,
         overrides=spec.overrides,
         env=[item.split("=", 1) for item in spec.env],
         program_flag=f"--script={shlex.quote(os.path.abspath(spec.script))} " if spec.script else "",
@@ -242,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--signal-lead", type=int, default=120,
                    help="seconds before the time limit to checkpoint and requeue")
     p.add_argument("--max-restarts", type=int, default=3, help="requeues after preemption")
+    p.add_argument("--resend-every", type=int, default=30,
+                   help="seconds between repeats of the preemption signal until the ranks exit")
     p.add_argument("--script", default=None, help="run this script instead of `-m training`")
     p.add_argument("--python", default=sys.executable, help="python on the compute nodes")
     p.add_argument("--dry-run", action="store_true", help="print the job script, submit nothing")

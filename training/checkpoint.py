@@ -150,23 +150,44 @@ class CheckpointManager:
         return TrainState(**client_state["train_state"]), client_state["config"]
 
 
-def consolidated_state_dict(engine, tag_dir: Optional[str]) -> Optional[dict]:
-    """The full fp32 student state dict on rank 0 (None on other ranks). Collective.
+# DeepSpeed's file holding the module and our client state (rank 0's, at ZeRO-3).
+MODEL_STATES_FILES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
 
-    ZeRO 1-3 keep the fp32 master weights partitioned: read them back from the checkpoint
-    with DeepSpeed's zero_to_fp32 (the engine's 16-bit gather would lose bf16 precision).
-    ZeRO-0 holds the whole module on every rank.
+
+def read_model_states(tag_dir: str) -> dict:
+    for name in MODEL_STATES_FILES:
+        path = os.path.join(tag_dir, name)
+        if os.path.isfile(path):
+            return torch.load(path, map_location="cpu", weights_only=False)
+    raise FileNotFoundError(f"{tag_dir}: not a DeepSpeed checkpoint (no {MODEL_STATES_FILES[0]})")
+
+
+def student_state_dict(tag_dir: str) -> tuple[dict, dict]:
+    """(full fp32 student state dict, resolved config) read from a checkpoint's files.
+
+    ZeRO 1-3 keep the fp32 master weights partitioned in the optimizer files: DeepSpeed's
+    zero_to_fp32 consolidates them (the engine's 16-bit gather would lose bf16 precision).
+    ZeRO-0 stores the whole module in the model-states file (in the training precision).
+    Needs no process group, so an export works anywhere after the run.
     """
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if engine.zero_optimization_stage() == 0 or tag_dir is None:
-        if engine.zero_optimization_stage() == 3:
-            state = engine._zero3_consolidated_16bit_state_dict()  # collective gather
-        else:
-            state = engine.module.state_dict()
-        return {k: v.detach().float().cpu() for k, v in state.items()} if rank == 0 else None
-    if rank != 0:
-        return None
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    load_dir, tag = os.path.split(tag_dir.rstrip("/"))
-    state = get_fp32_state_dict_from_zero_checkpoint(load_dir, tag=tag)
-    return {k: v.float() for k, v in state.items()}
+    model_states = read_model_states(tag_dir)
+    if model_states["ds_config"]["zero_optimization"]["stage"] > 0:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        load_dir, tag = os.path.split(tag_dir.rstrip("/"))
+        state = get_fp32_state_dict_from_zero_checkpoint(load_dir, tag=tag)
+    else:
+        state = model_states["module"]
+    return {k: v.float() for k, v in state.items()}, model_states.get("config", {})
+
+
+def export_checkpoint(tag_dir: str, out_dir: str) -> str:
+    """Write a checkpoint's student in open_clip format (`clip-train --export`, and each run's end).
+
+    The feature-distillation projection (`distill_projection.*`) is training-only and left out.
+    """
+    from training import models
+
+    state, config = student_state_dict(tag_dir)
+    state = {k: v for k, v in state.items() if not k.startswith("distill_projection.")}
+    student = config["model"]["student"]
+    return str(models.export_open_clip(state, student, out_dir))

@@ -24,13 +24,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="clip-train", description="Distil (or train) a CLIP model on DeepSpeed.",
         epilog="Overrides: section.key=value, e.g. optim.lr=5e-4 deepspeed.zero_stage=2")
-    parser.add_argument("--config", required=True, help="training recipe (YAML), e.g. configs/tiny-clip.yaml")
+    parser.add_argument("--config", help="training recipe (YAML), e.g. configs/tiny-clip.yaml")
     parser.add_argument("--check", action="store_true",
                         help="validate the config, print it resolved, and exit")
+    parser.add_argument("--export", metavar="CHECKPOINT_DIR",
+                        help="write that checkpoint's student in open_clip format and exit "
+                             "(no training, no process group)")
+    parser.add_argument("--out", help="folder for --export (default: RUN_DIR/export-<tag>)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help=argparse.SUPPRESS)  # passed by the deepspeed launcher; LOCAL_RANK wins
     parser.add_argument("overrides", nargs="*", metavar="key=value")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not args.config and not args.export:
+        parser.error("--config is required (or --export CHECKPOINT_DIR)")
+    return args
 
 
 def setup_logging() -> None:
@@ -46,9 +53,23 @@ def fail(err: BaseException) -> int:
     return EXIT_BAD_INPUT
 
 
+def export(tag_dir: str, out_dir: str | None) -> int:
+    from training.checkpoint import export_checkpoint
+    tag_dir = os.path.abspath(tag_dir)
+    run_dir = os.path.dirname(os.path.dirname(tag_dir))
+    out_dir = out_dir or os.path.join(run_dir, f"export-{os.path.basename(tag_dir)}")
+    try:
+        print(export_checkpoint(tag_dir, out_dir))
+    except (FileNotFoundError, ValueError) as err:
+        return fail(err)
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     setup_logging()
+    if args.export:
+        return export(args.export, args.out)
     try:  # bad config, files, model names or data specs: all raise before any training step
         cfg = load_config(args.config, args.overrides)
         if args.check:

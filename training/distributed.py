@@ -31,6 +31,7 @@ warnings.filterwarnings(
 
 SLURM_PORT_BASE = 20000
 SLURM_PORT_SPAN = 20000
+SLURM_SPECIAL_STEP_IDS = 0xFFFFFFF0  # batch, extern, interactive steps have ids from here up
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ def rank_info_from_env(env: MutableMapping[str, str] | None = None,
     backend = backend or default_backend()
     if "RANK" in env and "WORLD_SIZE" in env:
         info = _from_torchrun(env, backend)
-    elif "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:
+    elif "SLURM_PROCID" in env and is_srun_step(env):
         info = _from_slurm(env, backend)
     else:
         info = DistInfo(0, 1, 0, 1, 0, backend, device_for(backend, 0))
@@ -84,6 +85,13 @@ def rank_info_from_env(env: MutableMapping[str, str] | None = None,
                        ("LOCAL_WORLD_SIZE", info.local_world_size)):
         env.setdefault(key, str(value))
     return info
+
+
+def is_srun_step(env: MutableMapping[str, str]) -> bool:
+    """True inside a task of an `srun` step; False in the batch shell or an salloc shell, whose
+    SLURM_NTASKS describes the allocation, not processes that exist (those would wait forever)."""
+    step = env.get("SLURM_STEP_ID", env.get("SLURM_STEPID", ""))
+    return step.isdigit() and int(step) < SLURM_SPECIAL_STEP_IDS
 
 
 def _from_torchrun(env: MutableMapping[str, str], backend: str) -> DistInfo:
@@ -170,6 +178,13 @@ def init_distributed(backend: str | None = None, timeout_s: int = 120) -> DistIn
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the initialised process group, (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:

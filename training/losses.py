@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.distributed import gather_with_grad
+from training.distributed import gather_with_grad, rank_and_world
 
 FEATURE_KINDS = ("mse", "cosine")
 
@@ -46,14 +46,9 @@ def contrastive_targets(local_ids: torch.Tensor, global_ids: torch.Tensor) -> to
 
 def local_and_global_ids(num_local: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Global row positions of this rank's rows and of all rows (rank-order concatenation)."""
-    world = torch.distributed.get_world_size() if _distributed() else 1
-    rank = torch.distributed.get_rank() if _distributed() else 0
+    rank, world = rank_and_world()
     global_ids = torch.arange(num_local * world, device=device)
     return global_ids[rank * num_local:(rank + 1) * num_local], global_ids
-
-
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def symmetric_logits(image_local, text_local, image_all, text_all, scale):
@@ -106,20 +101,18 @@ class DistillationLoss(nn.Module):
         if teacher is None and self.needs_teacher:
             raise ValueError("loss: affinity_weight or feature_weight > 0 needs teacher outputs")
         s_img, s_txt = (student[k].float() for k in ("image_features", "text_features"))
-        s_img_all, s_txt_all = gather_with_grad(s_img), gather_with_grad(s_txt)
-        s_scale = self._scale(student["logit_scale"])
         terms: dict[str, torch.Tensor] = {}
+        if self.affinity_weight > 0 or self.clip_weight > 0:
+            s_logits = symmetric_logits(s_img, s_txt, gather_with_grad(s_img), gather_with_grad(s_txt),
+                                        self._scale(student["logit_scale"]))
         if self.affinity_weight > 0:
-            s_logits = symmetric_logits(s_img, s_txt, s_img_all, s_txt_all, s_scale)
             t_img, t_txt = (teacher[k].float().detach() for k in ("image_features", "text_features"))
             t_logits = symmetric_logits(t_img, t_txt, gather_with_grad(t_img), gather_with_grad(t_txt),
                                         self._teacher_scale(teacher))
             terms["affinity"] = sum(soft_cross_entropy(s, t.softmax(dim=-1))
                                     for s, t in zip(s_logits, t_logits)) / 2
         if self.clip_weight > 0:
-            local_ids, global_ids = local_and_global_ids(s_img.shape[0], s_img.device)
-            targets = contrastive_targets(local_ids, global_ids)
-            s_logits = symmetric_logits(s_img, s_txt, s_img_all, s_txt_all, s_scale)
+            targets = contrastive_targets(*local_and_global_ids(s_img.shape[0], s_img.device))
             terms["clip"] = sum(soft_cross_entropy(s, targets) for s in s_logits) / 2
         if self.feature_weight > 0:
             terms["feature"] = (self._feature_distance(s_img, teacher["image_features"])

@@ -17,6 +17,14 @@ from training.config import LogConfig
 log = logging.getLogger("training")
 
 
+# DistillationLoss's terms; a masked student's regularisers arrive as loss_<name>.
+LOSS_TERMS = ("loss", "affinity", "clip", "feature")
+
+
+def is_loss(key: str) -> bool:
+    return key in LOSS_TERMS or key.startswith("loss_")
+
+
 def format_duration(seconds: float) -> str:
     seconds = int(max(0, seconds))
     hours, rest = divmod(seconds, 3600)
@@ -66,7 +74,7 @@ class MetricsLogger:
         self._window_start, self._window_steps, self._window_wait = now, 0, 0.0
         if not self.enabled:
             return record
-        losses = " ".join(f"{k} {v:.4f}" for k, v in values.items() if k.startswith("loss"))
+        losses = " ".join(f"{k} {v:.4f}" for k, v in values.items() if is_loss(k))
         scales = " ".join(f"{k} {v:.1f}" for k, v in values.items() if "scale" in k)
         log.info(f"step {step}/{self.total_steps} | {losses} | lr {values.get('lr', 0):.3g} | "
                  f"{scales} | {samples_per_s:.1f} samples/s ({samples_per_s / self.world_size:.1f}"

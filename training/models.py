@@ -239,11 +239,12 @@ def build_teacher(name_or_json: str | os.PathLike, pretrained: str | os.PathLike
 # --------------------------------------------------------------------------- forward
 
 def input_dtype(model: nn.Module) -> torch.dtype:
-    """The dtype images must have: the model's floating parameters' (bf16 for a pure-bf16 teacher
-    or a bf16 DeepSpeed engine; fp32 under autocast)."""
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
+    """The dtype images must have: that of the first convolution or linear layer's weight (bf16 for
+    a pure-bf16 teacher, a bf16 DeepSpeed engine or open_clip's "bf16" precision, which keeps some
+    embeddings in fp32; fp32 under autocast)."""
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            return module.weight.dtype
     return torch.float32
 
 

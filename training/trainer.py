@@ -34,11 +34,11 @@ import torch.distributed as dist
 
 from training import models
 from training.accumulation import concat_outputs, with_live_micro_batch
-from training.checkpoint import (CheckpointManager, TrainState, consolidated_state_dict,
+from training.checkpoint import (CheckpointManager, TrainState, export_checkpoint,
                                  tag_for_step)
 from training.config import TrainConfig, save_config, to_dict
 from training.data import build_train_loader
-from training.distributed import all_reduce_flag, init_distributed
+from training.distributed import all_reduce_flag, barrier, init_distributed
 from training.engine import build_engine, deepspeed_config
 from training.losses import DistillationLoss
 from training.metrics import MetricsLogger
@@ -304,10 +304,8 @@ class Trainer:
         self.metrics.close()
 
     def export(self, out_dir: str) -> Optional[str]:
-        """The student as an open_clip checkpoint (rank 0 writes; collective for ZeRO-3)."""
-        state = consolidated_state_dict(self.engine, self.last_checkpoint)
+        """The student as an open_clip checkpoint, from the last checkpoint's files (rank 0)."""
+        barrier()
         if not self.dist.is_main:
             return None
-        state = {k: v for k, v in state.items() if not k.startswith("distill_projection.")}
-        return str(models.export_open_clip(state, self.cfg.model.student, out_dir,
-                                           preprocess_cfg=self.student_info.preprocess_cfg))
+        return export_checkpoint(self.last_checkpoint, out_dir)

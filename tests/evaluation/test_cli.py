@@ -43,6 +43,7 @@ def test_export_folder_state_dict_and_name_give_the_same_numbers(tmp_path, eval_
     assert row in out
 
 
+@pytest.mark.slow
 def test_training_run_dir_equals_its_export(trained_run, tmp_path, capsys):
     """A DeepSpeed run dir (model name from config.yaml, weights from checkpoints/latest) and
     the export the trainer wrote at the end hold the same model."""
@@ -55,9 +56,6 @@ def test_training_run_dir_equals_its_export(trained_run, tmp_path, capsys):
     record = json.loads((tmp_path / "run.json").read_text())
     assert record["model"] == "Tiny-ViT-Teacher"
     assert record["checkpoint"].endswith("checkpoints/step-00000008")
-
-
-pytest.mark.slow(test_training_run_dir_equals_its_export)
 
 
 def test_imagefolder_with_imagenet_names(eval_sets, tmp_path, capsys):

@@ -25,11 +25,11 @@ def tiny_tokenizer():
     return open_clip.get_tokenizer("Tiny-ViT-Student")
 
 
-def train_loader(cfg: dict, *, rank: int = 0, world_size: int = 1, epoch: int = 0, skip_batches: int = 0,
-                 teacher_preprocess: dict | None = None, student_preprocess: dict = TINY_PREPROCESS):
-    return build_train_loader(cfg, student_preprocess=student_preprocess,
-                              teacher_preprocess=teacher_preprocess, tokenizer=tiny_tokenizer(),
-                              rank=rank, world_size=world_size, epoch=epoch, skip_batches=skip_batches)
+def train_loader(cfg, **overrides):
+    """build_train_loader for the tiny models: rank 0 of 1, epoch 0, no teacher unless overridden."""
+    kwargs = dict(student_preprocess=TINY_PREPROCESS, teacher_preprocess=None, tokenizer=tiny_tokenizer(),
+                  rank=0, world_size=1, epoch=0)
+    return build_train_loader(cfg, **{**kwargs, **overrides})
 
 
 def epoch_keys(loader) -> list[list[str]]:

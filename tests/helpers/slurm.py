@@ -230,7 +230,7 @@ PartitionName=test Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=UP
         return fields
 
     def wait_until(self, job_id: str, predicate, timeout: float, what: str) -> dict[str, str]:
-        """Poll the job every 0.5 s until predicate(info) holds; SlurmError on timeout."""
+        """Poll the job every 0.25 s until predicate(info) holds; SlurmError on timeout."""
         deadline = time.monotonic() + timeout
         info = self.job(job_id)
         while not predicate(info):
@@ -238,7 +238,7 @@ PartitionName=test Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=UP
                 raise SlurmError(f"job {job_id}: timed out after {timeout:.0f} s waiting for "
                                  f"{what}; last state {info.get('JobState')} "
                                  f"reason {info.get('Reason')}")
-            time.sleep(0.5)
+            time.sleep(0.25)
             info = self.job(job_id)
         return info
 

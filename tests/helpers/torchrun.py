@@ -14,10 +14,11 @@ the tail of the combined output, so a failing test shows the rank's traceback.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
+
+import psutil
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -69,20 +70,19 @@ def run_torchrun(
 ) -> subprocess.CompletedProcess:
     """Run `torchrun --standalone --nproc_per_node nproc ARGS`; return the finished process.
 
-    stdout and stderr are captured together in `result.stdout` (text). The whole process group
-    is killed on timeout, so no orphan rank survives a hung test. `check=False` returns the
+    stdout and stderr are captured together in `result.stdout` (text). On timeout the agent and
+    every rank are killed, so no orphan rank survives a hung test. `check=False` returns the
     result of a failed run instead of raising (for tests that expect a failure).
     """
     cmd = torchrun_command(args, nproc)
     proc = subprocess.Popen(
         cmd, cwd=str(cwd or REPO_ROOT), env=torchrun_env(env),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,  # own process group: a timeout kills the agent and every rank
     )
     try:
         output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_process_tree(proc.pid)
         output, _ = proc.communicate()
         raise TorchrunError(f"torchrun timed out after {timeout}s: {' '.join(cmd)}\n"
                             f"{_tail(output)}") from None
@@ -90,6 +90,22 @@ def run_torchrun(
     if check and proc.returncode != 0:
         raise TorchrunError(f"torchrun exited {proc.returncode}: {' '.join(cmd)}\n{_tail(output)}")
     return result
+
+
+def kill_process_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants. torchrun starts each rank in a session of its
+    own, so killing the agent's process group would leave the ranks running."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
 
 
 def _tail(text: str, max_chars: int = 6000) -> str:

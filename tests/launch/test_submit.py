@@ -73,6 +73,8 @@ def test_rendered_values_survive_bash_quoting(tmp_path):
     (["--directive=--nodes=3"], "--directive '--nodes=3': set --nodes with its own option"),
     (["--directive=mail-type=END"], "--directive 'mail-type=END': expected --option"),
     (["--env", "1X=2"], "--env '1X=2': expected NAME=VALUE"),
+    (["--max-restarts", "-1"], "--max-restarts -1: must be >= 0"),
+    (["--resend-every", "0"], "--resend-every 0: must be >= 1 second"),
     (["optim.lrr=3"], "key optim.lrr"),
     (["deepspeed.precision=fp16"], "fp16 needs a GPU"),
     (["--script", "missing.py"], "--script missing.py: file not found"),

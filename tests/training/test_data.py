@@ -143,3 +143,16 @@ def test_missing_local_shard_is_named(shards, tmp_path):
     spec = f"{shards['train_shards']}::{tmp_path}/missing-{{0..3}}.tar"
     with pytest.raises(DataError, match=f"shard not found: {tmp_path}/missing-0.tar \\(and 3 more\\)"):
         train_loader(exact(shards, train=spec))
+
+
+def test_seed_argument_replaces_the_config_seed(shards):
+    first = lambda **kw: next(iter(train_loader(exact(shards), **kw)))["key"]
+    assert first(seed=3) == first()  # exact() sets data.seed=3
+    assert first(seed=4) != first()
+
+
+def test_config_from_an_omegaconf_section_with_other_keys(shards):
+    from omegaconf import OmegaConf
+    section = OmegaConf.create({**exact(shards), "val": "ignored", "resampled": True, "samples_per_epoch": None})
+    loader = train_loader(section)
+    assert loader.batches_per_epoch == 500 // BATCH  # resampled without samples_per_epoch: the listed size

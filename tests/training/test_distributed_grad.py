@@ -52,8 +52,11 @@ def test_slurm_variables_fill_in_what_deepspeed_needs():
     assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"]) == ("3", "4", "1")
 
 
-def test_slurm_batch_shell_without_srun_is_a_single_process():
+@pytest.mark.parametrize("step", [None, "4294967294"])  # no step, or the batch step's id
+def test_slurm_batch_shell_without_srun_is_a_single_process(step):
     env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_JOB_ID": "7"}
+    if step is not None:
+        env["SLURM_STEP_ID"] = step
     info = rank_info_from_env(env, backend="gloo")
     assert info.world_size == 1 and env["WORLD_SIZE"] == "1"
 
@@ -189,8 +192,6 @@ def test_torchrun_helper_reports_a_failing_rank_and_kills_a_hung_run(tmp_path):
     script.write_text(FAILING_SCRIPT)
     with pytest.raises(TorchrunError, match=r"exited 1(.|\n)*rank 1 gives up: \|cpu"):
         run_torchrun([str(script), str(tmp_path), "fail"], nproc=2, timeout=120)
-    result = run_torchrun([str(script), str(tmp_path), "fail"], nproc=2, timeout=120, check=False)
-    assert result.returncode == 1 and "rank 1 gives up" in result.stdout
 
     with pytest.raises(TorchrunError, match="timed out after 20s"):
         run_torchrun([str(script), str(tmp_path), "hang"], nproc=2, timeout=20)

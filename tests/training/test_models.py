@@ -66,6 +66,14 @@ def test_build_student_from_a_json_file_and_what_info_says(batch):
     assert torch.allclose(out["logit_scale"], model.logit_scale.exp())
 
 
+def test_encode_casts_images_to_a_low_precision_student(batch):
+    # open_clip's "bf16" keeps embeddings such as class_embedding in fp32 but convolutions in bf16.
+    model, _ = build_student("Tiny-ViT-Student", precision="bf16")
+    assert model.visual.class_embedding.dtype == torch.float32
+    out = eval_outputs(model, batch)
+    assert out["image_features"].dtype == torch.bfloat16 and out["image_features"].shape == (3, 64)
+
+
 @pytest.mark.parametrize("fmt", ["safetensors", "pt_state_dict_key", "bin_module_prefix"])
 def test_student_initial_state_dict_files(tmp_path, batch, fmt):
     torch.manual_seed(1)

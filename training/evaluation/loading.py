@@ -87,8 +87,8 @@ def _student_from_run_config(run_dir: Path) -> str:
 
 def _deepspeed_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     """fp32 weights of a DeepSpeed tag folder (ZeRO 1-3 partitions merged; ZeRO-0 module)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     if any(tag_dir.glob("*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
         try:
             return _student_only(get_fp32_state_dict_from_zero_checkpoint(
                 str(tag_dir.parent), tag=tag_dir.name))

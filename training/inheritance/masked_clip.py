@@ -74,11 +74,11 @@ def _check_supported(model: nn.Module) -> None:
 class MaskedCLIP(nn.Module):
     """Wraps an open_clip CLIP (`self.clip`, weights untouched) with gates and the constraint."""
 
-    def __init__(self, clip: nn.Module, target_sparsity: float, start_sparsity: float = 0.0,
-                 warmup_steps: int = 0):
+    def __init__(self, clip: nn.Module, model_cfg: dict, target_sparsity: float,
+                 start_sparsity: float = 0.0, warmup_steps: int = 0):
         super().__init__()
         _check_supported(clip)
-        self.clip = clip
+        self.clip, self.model_cfg = clip, model_cfg
         self.gates = nn.ModuleDict({t: TowerGates(*_tower_shape(clip, t)) for t in TOWERS})
         self.constraint = LagrangianConstraint(target_sparsity, start_sparsity, warmup_steps)
         self.output_dict = True
@@ -175,6 +175,15 @@ class MaskedCLIP(nn.Module):
         if texts is not None:
             out["text_features"] = self.encode_text(texts, z["text"], normalize=True)
         return out
+
+
+def build_masked_student(name_or_json: str, init_state_dict: str | None, target_sparsity: float,
+                         start_sparsity: float = 0.0, warmup_steps: int = 0) -> MaskedCLIP:
+    """A MaskedCLIP around a student built by training.models (e.g. from clip-inherit weights)."""
+    from .. import models
+
+    clip, info = models.build_student(name_or_json, init_state_dict)
+    return MaskedCLIP(clip, info.model_cfg, target_sparsity, start_sparsity, warmup_steps)
 
 
 def expected_sparsity_report(model: MaskedCLIP) -> dict[str, float]:

@@ -1,0 +1,124 @@
+"""`python -m training` as a plain single process (no launcher): plain CLIP of the tiny teacher on
+synthetic shards with one corrupt image, periodic evaluation, checkpoints, metrics, TensorBoard
+and the open_clip export. One run; each test checks one output."""
+from __future__ import annotations
+
+import io
+import json
+import math
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+import yaml
+
+from tests.helpers.shards import make_synthetic_shards
+from tests.helpers.trainer import TINY_CLIP, probe_batch, read_metrics, tiny_overrides
+from training import models
+from training.config import load_config
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+STEPS = 6
+
+
+def corrupt_first_image(shard: Path) -> str:
+    """Replace the first sample's JPEG bytes with garbage (the tar stays valid)."""
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    name = next(m.name for m, _ in members if m.name.endswith(".jpg"))
+    with tarfile.open(shard, "w") as tar:
+        for member, data in members:
+            data = b"this is not a jpeg" if member.name == name else data
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    return name
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    shards = make_synthetic_shards(root / "shards", train=128, val=32, zeroshot=32,
+                                   samples_per_shard=32)
+    corrupt_first_image(Path(shards["train"]) / "shard-000000.tar")
+    run_dir = root / "run"
+    args = ["--config", TINY_CLIP, *tiny_overrides(shards["train_shards"], run_dir, steps=STEPS),
+            "log.every_steps=2", "log.tensorboard=true", "checkpoint.every_steps=3",
+            "checkpoint.keep_last=2", "eval.every_steps=3", f"eval.val={shards['val']}",
+            f"eval.zeroshot={shards['zeroshot']}", "eval.batch_size=16"]
+    result = subprocess.run([sys.executable, "-m", "training", *args], cwd=REPO,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return run_dir, result.stdout, args
+
+
+def test_console_line_has_throughput_losses_lr_and_eta(run):
+    _, stdout, _ = run
+    lines = [line for line in stdout.splitlines() if f"step {STEPS}/{STEPS}" in line]
+    assert lines, stdout[-2000:]
+    for part in ("loss ", "clip ", "lr ", "logit_scale", "samples/s", "/rank)", "data wait",
+                 "eta "):
+        assert part in lines[-1], (part, lines[-1])
+
+
+def test_metrics_jsonl_records_training_eval_and_corrupt_samples(run):
+    run_dir, _, _ = run
+    records = read_metrics(run_dir)
+    train = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train] == [2, 4, 6]
+    for key in ("clip", "lr", "logit_scale", "samples_per_s", "samples_per_s_per_rank",
+                "data_wait_s", "eta_s", "data/corrupt_skipped", "data/samples_read"):
+        assert all(key in r for r in train), key
+    assert train[-1]["data/corrupt_skipped"] == 1
+    assert all(math.isfinite(r["loss"]) and r["loss"] == r["clip"] for r in train)
+    evals = [r for r in records if "eval/zeroshot/top1" in r]
+    assert [r["step"] for r in evals] == [3, 6]
+    assert all(0 <= r["eval/val/image_to_text_R@1"] <= 1 for r in evals)
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_resolved_config_written_and_reloadable(run):
+    run_dir, _, args = run
+    saved = load_config(str(run_dir / "config.yaml"))
+    assert saved == load_config(args[1], args[2:])
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["optim"]["total_steps"] == STEPS
+    assert json.loads((run_dir / "deepspeed_config.json").read_text())["train_batch_size"] == 8
+
+
+def test_checkpoints_rotated_and_done_written_last(run):
+    run_dir, _, _ = run
+    checkpoints = run_dir / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == f"step-{STEPS:08d}"
+    assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == [
+        "step-00000003", f"step-{STEPS:08d}"]
+    done = json.loads((run_dir / "done.json").read_text())
+    assert done["step"] == STEPS and done["samples_seen"] == STEPS * 8
+    state = torch.load(checkpoints / f"step-{STEPS:08d}" / "mp_rank_00_model_states.pt",
+                       weights_only=False)
+    assert state["train_state"]["step"] == STEPS
+    assert state["config"]["optim"]["total_steps"] == STEPS
+    assert set(state["rng"][0]) >= {"python", "numpy", "torch"}
+
+
+def test_export_equals_the_checkpoint_weights(run):
+    run_dir, _, _ = run
+    export = run_dir / "export"
+    models.register_model_configs()
+    exported = open_clip.create_model("Tiny-ViT-Teacher",
+                                      pretrained=str(export / "open_clip_model.safetensors"))
+    state = torch.load(run_dir / "checkpoints" / f"step-{STEPS:08d}" /
+                       "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    from_checkpoint = open_clip.create_model("Tiny-ViT-Teacher")
+    models.load_strict(from_checkpoint, state, "checkpoint")
+    images, texts = probe_batch()
+    with torch.no_grad():
+        a = models.encode(exported.eval(), images, texts)
+        b = models.encode(from_checkpoint.eval(), images, texts)
+    for key in ("image_features", "text_features", "logit_scale"):
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    config = json.loads((export / "open_clip_config.json").read_text())
+    assert config["model_cfg"]["embed_dim"] == 64 and config["preprocess_cfg"]["size"] in (64, [64, 64])

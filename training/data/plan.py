@@ -1,0 +1,127 @@
+"""Which worker reads which shards this epoch, and how many batches every rank gets.
+
+Ranks of a data-parallel job must run the same number of steps, and a resumed run must be able to
+say which worker produced which batch. So the plan fixes, before any shard is read:
+
+- `batches`: the batches per epoch of every rank (the same on all ranks);
+- batch i of a rank comes from its worker i % num_workers (PyTorch's DataLoader takes batches from
+  its workers round-robin), so worker w yields exactly len(range(w, batches, num_workers)).
+
+Exact epochs: the shard list is shuffled by (seed, epoch), rank r takes shards r::world_size and
+its worker w takes every num_workers-th of those. No two ranks or workers read the same shard.
+`batches` is the largest count that every worker of every rank can fill whatever the shuffle (its
+number of shards times the smallest shard sizes), so it is the same in every epoch; the samples
+beyond it (the last partial batch of each worker, plus the size difference between shards) are not
+read this epoch, and `dropped` counts them.
+Resampled: every worker draws shards with replacement forever; `batches` is
+samples_per_epoch // (batch_size * world_size).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import posixpath
+import random
+from dataclasses import dataclass, field
+
+from .samples import read_shard
+from .sources import DataError, Source, read_json
+
+log = logging.getLogger(__name__)
+
+
+class ShardSizes:
+    """Number of samples per shard, looked up the cheapest way available.
+
+    In order: `sizes.json` in the shard's folder (data_tools writes it), img2dataset's
+    `NNNNN_stats.json` ("successes"), and last, reading the shard and counting its keys.
+    Side files are read once per folder and cached.
+    """
+
+    def __init__(self):
+        self._folder_sizes: dict[str, dict] = {}
+
+    def __call__(self, url: str) -> int:
+        if url.startswith("pipe:"):
+            return self._count(url)
+        folder, name = posixpath.split(url)
+        sizes = self._sizes_json(folder)
+        if name in sizes:
+            return int(sizes[name])
+        stats = read_json(posixpath.join(folder, name.rsplit(".", 1)[0] + "_stats.json"))
+        if stats is not None and "successes" in stats:
+            return int(stats["successes"])
+        return self._count(url)
+
+    def _sizes_json(self, folder: str) -> dict:
+        if folder not in self._folder_sizes:
+            self._folder_sizes[folder] = read_json(posixpath.join(folder, "sizes.json")) or {}
+        return self._folder_sizes[folder]
+
+    @staticmethod
+    @functools.lru_cache(maxsize=None)  # the trainer plans every epoch: count each shard once
+    def _count(url: str) -> int:
+        log.warning("no sizes.json or *_stats.json for %s: counting its samples", url)
+        return sum(1 for _ in read_shard(url))
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """What one rank reads in one epoch (see the module docstring)."""
+    resampled: bool
+    batches: int
+    num_workers: int
+    worker_shards: tuple[tuple[str, ...], ...] = ()   # exact epochs only, one tuple per worker
+    dropped: int = 0                                   # exact epochs: samples no rank reads
+    shard_sizes: dict = field(default_factory=dict)    # exact epochs: listed samples per shard
+
+    def worker_batches(self, worker: int, before: int | None = None) -> int:
+        """How many of the first `before` batches (default: all) worker `worker` produces."""
+        end = self.batches if before is None else min(before, self.batches)
+        return len(range(worker, end, self.num_workers))
+
+
+def plan_exact(sources: list[Source], *, batch_size: int, rank: int, world_size: int,
+               num_workers: int, seed: int, epoch: int, samples_per_epoch: int | None = None,
+               sizes: ShardSizes | None = None) -> EpochPlan:
+    urls = [url for source in sources for url in source.urls]
+    readers = world_size * num_workers
+    if len(urls) < readers:
+        raise DataError(
+            f"data.train: exact epochs need at least world_size x workers = {world_size} x {num_workers} "
+            f"= {readers} shards, found {len(urls)} in {sources[0].spec!r}; use fewer workers, "
+            f"more shards, or data.resampled=true")
+    sizes = sizes or ShardSizes()
+    shard_sizes = {url: sizes(url) for url in urls}
+    order = list(urls)
+    random.Random(f"shards:{seed}:{epoch}").shuffle(order)
+
+    def shards_of(r: int, w: int) -> tuple[str, ...]:
+        return tuple(order[r::world_size][w::num_workers])
+
+    # Reader (r, w) gets a fixed NUMBER of shards whatever the shuffle; counting each as one of the
+    # smallest shards gives a sample bound, hence a batch count, that is the same every epoch.
+    ascending = sorted(shard_sizes.values())
+    # Worker w can fill n batches when len(range(w, n, W)) <= capacity, i.e. n <= capacity*W + w.
+    batches = min(sum(ascending[:len(shards_of(r, w))]) // batch_size * num_workers + w
+                  for r in range(world_size) for w in range(num_workers))
+    if samples_per_epoch is not None:
+        batches = min(batches, samples_per_epoch // (batch_size * world_size))
+    if batches <= 0:
+        raise DataError(f"data.train: {sum(shard_sizes.values())} samples in {len(urls)} shards give no "
+                        f"full batch of {batch_size} per rank and worker")
+    dropped = sum(shard_sizes.values()) - batches * batch_size * world_size
+    return EpochPlan(False, batches, num_workers,
+                     tuple(shards_of(rank, w) for w in range(num_workers)), dropped, shard_sizes)
+
+
+def plan_resampled(sources: list[Source], *, batch_size: int, world_size: int, num_workers: int,
+                   samples_per_epoch: int | None, sizes: ShardSizes | None = None) -> EpochPlan:
+    if samples_per_epoch is None:
+        sizes = sizes or ShardSizes()
+        samples_per_epoch = sum(sizes(url) for source in sources for url in source.urls)
+    batches = samples_per_epoch // (batch_size * world_size)
+    if batches <= 0:
+        raise DataError(f"data.samples_per_epoch={samples_per_epoch} gives no batch of {batch_size} "
+                        f"on each of {world_size} ranks")
+    return EpochPlan(True, batches, num_workers)
