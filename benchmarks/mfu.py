@@ -13,7 +13,8 @@ FLOPs: torch.utils.flop_counter.FlopCounterMode over teacher forward + student f
 backward, with attention made countable (training.evaluation.cost.countable_attention). The
 optimizer's element-wise work is not counted (the usual model-FLOPs convention).
 Peak: the best torch.matmul FLOP/s measured in the same process, same threads and dtype
-(fp32 on the CPU; the --precision dtype on a GPU). MFU = counted FLOPs / step time / peak,
+(fp32 on the CPU; the --precision dtype on a GPU), before and after each case (the best of
+all, so a busy moment does not lower the peak). MFU = counted FLOPs / step time / peak,
 a ratio of two measurements taken side by side, so machine load affects both.
 Models have random weights; images are the synthetic shards at each model's resolution.
 """
@@ -56,6 +57,13 @@ PHASES = ("data", "teacher_forward", "student_forward_loss", "backward", "optimi
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def peak_dtype(device: torch.device, precision: str) -> torch.dtype:
+    """fp32 on the CPU (its bf16 matmul is not faster here); the autocast dtype on a GPU."""
+    if device.type != "cuda":
+        return torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 1024, reps: int = 10) -> float:
@@ -161,6 +169,7 @@ def run_case(name: str, case: Case, args, device: torch.device, peak: float, dat
     for _ in range(args.warmup):
         step.timed()
     samples = [step.timed() for _ in range(args.iters)]
+    peak = max(peak, matmul_peak(device, peak_dtype(device, args.precision)))
     phases = {p: statistics.median(s[p] for s in samples) for p in PHASES}
     step_s = sum(phases.values())
     compute_s = step_s - phases["data"]
@@ -204,15 +213,16 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     autocast(device, args.precision)  # refuses fp16 on the CPU with one line
-    peak_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
-        args.precision if device.type == "cuda" else "fp32"]
-    peak = matmul_peak(device, peak_dtype)
     with tempfile.TemporaryDirectory() as tmp:
-        results = [run_case(n, CASES[n], args, device, peak, Path(tmp)) for n in args.cases]
+        results = []
+        for name in args.cases:
+            peak = matmul_peak(device, peak_dtype(device, args.precision))
+            results.append(run_case(name, CASES[name], args, device, peak, Path(tmp)))
     where = (torch.cuda.get_device_name(device) if device.type == "cuda"
              else f"CPU, {args.threads} thread(s)")
     print(markdown(results, f"{where}, {args.precision}, median of {args.iters} steps after "
-                            f"{args.warmup} warm-up; peak = best {peak_dtype} matmul 1024^3"))
+                            f"{args.warmup} warm-up; peak = best "
+                            f"{peak_dtype(device, args.precision)} matmul 1024^3"))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0

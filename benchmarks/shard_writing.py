@@ -5,10 +5,12 @@ for both; sources are 512-640 px JPEGs generated here.
 
     .venv/bin/python benchmarks/shard_writing.py [--images 400] [--repeats 2]
 
-Two rates per tool: "wall" is the whole call (process start-up included), "in shards" is
-images / (last shard end - first shard start), which leaves out start-up (img2dataset's
-per-shard start/end times come from its NNNNN_stats.json; ours from the writer's timing of the
-pool). The ratio ours / img2dataset > 1 means we are faster. Results: docs/benchmarks.md.
+Two rates per tool: "wall" is the whole call (process start-up included, what a user waits
+for); "in shards" leaves start-up out: img2dataset's from the first shard's start to the last
+shard's end in its NNNNN_stats.json, ours with write_shard in a pool whose workers have already
+started. A third, "ours + read-ahead", measures a proposed change to shards.py
+(ReadAheadSource). Ratios ours / img2dataset > 1 mean we are faster. Results and the command:
+docs/benchmarks.md.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -61,18 +64,18 @@ class ImageFileSource:
 
 
 class ReadAheadSource:
-    """PROPOSED for data_tools/shards.py, measured here: while the writer asks for item i, items
-    i+1 .. i+threads-1 of the same shard are already being prepared on a thread pool. Pillow
-    releases the GIL in decode, resize and encode, so one worker process uses several cores, as
-    img2dataset's threads do. Output is unchanged (items are still returned in order)."""
+    """PROPOSED for data_tools/shards.py (write_shard), measured here: while the writer takes
+    item i, the next items of the same shard are already being prepared on `threads` threads
+    (a bounded window, in order). Pillow releases the GIL in decode, resize and encode, so one
+    worker process keeps several cores busy, as img2dataset's download threads do. The shards
+    are unchanged: items still arrive in order."""
 
     def __init__(self, source, threads: int, samples_per_shard: int):
         self.source, self.threads, self.samples_per_shard = source, threads, samples_per_shard
         self._pool, self._futures = None, {}
 
     def __getstate__(self):  # thread pools do not pickle: each worker process makes its own
-        return {"source": self.source, "threads": self.threads,
-                "samples_per_shard": self.samples_per_shard, "_pool": None, "_futures": {}}
+        return {**self.__dict__, "_pool": None, "_futures": {}}
 
     def __len__(self) -> int:
         return len(self.source)
@@ -84,7 +87,7 @@ class ReadAheadSource:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.threads)
         shard_end = (index // self.samples_per_shard + 1) * self.samples_per_shard
-        for ahead in range(index, min(index + self.threads, shard_end, len(self.source))):
+        for ahead in range(index, min(index + 2 * self.threads, shard_end, len(self.source))):
             if ahead not in self._futures:
                 self._futures[ahead] = self._pool.submit(self.source.sample, ahead)
         return self._futures.pop(index).result()  # re-raises the item's Skip
@@ -187,7 +190,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=400)
     parser.add_argument("--per-shard", type=int, default=100)
     parser.add_argument("--threads", type=int, default=4, help="read-ahead threads per worker")
-    parser.add_argument("--repeats", type=int, default=2, help="best of N for each measurement")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per worker count")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench-shards-") as tmp:
@@ -197,34 +200,38 @@ def main() -> None:
         routes = {f"/{p.name}": Route(body=p.read_bytes()) for p in paths}
         megapixels = np.mean([np.prod(_jpeg_size(p)) for p in paths]) / 1e6
         print(f"{args.images} JPEGs 512-640 px (mean {megapixels:.2f} MP) -> {OUTPUT_SIZE} px "
-              f"JPEG q{QUALITY}, {args.per_shard} per shard, best of {args.repeats}, "
-              f"read-ahead {args.threads} threads, img2dataset 16 threads; "
-              f"cpu count {os.cpu_count()}, load {os.getloadavg()[0]:.1f}", flush=True)
-        rates = {}
+              f"JPEG q{QUALITY}, {args.per_shard} per shard, {args.repeats} runs, read-ahead "
+              f"{args.threads} threads, img2dataset 16 threads per process; "
+              f"{os.cpu_count()} cpus, load average {os.getloadavg()[0]:.1f}", flush=True)
+        runs = {}
         with ImageServer(routes) as server:
             urls = [server.url(f"/{p.name}") for p in paths]
             for workers in (1, 2):
-                best = {name: float("inf") for name in COLUMNS}
-                for _ in range(args.repeats):  # interleaved, so that load changes hit all
-                    seconds = measure_once(paths, urls, work, workers, args.per_shard,
-                                           args.threads)
-                    best = {name: min(best[name], seconds[name]) for name in COLUMNS}
-                rates[workers] = {name: args.images / s for name, s in best.items()}
-    print_table(rates)
+                runs[workers] = [measure_once(paths, urls, work, workers, args.per_shard,
+                                              args.threads) for _ in range(args.repeats)]
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
+    print_table(runs, args.images)
 
 
-def print_table(rates: dict[int, dict[str, float]]) -> None:
-    """samples/s per measurement, and ratios against img2dataset (>1: we are faster)."""
-    print(f"\nload average after: {os.getloadavg()[0]:.1f}")
-    print("| workers | " + " | ".join(f"{n} (samples/s)" for n in COLUMNS) +
-          " | ratio wall | ratio in shards | ratio read-ahead in shards |")
-    print("|---" * (len(COLUMNS) + 4) + "|")
-    for workers, r in rates.items():
-        ratios = (r["ours wall"] / r["img2dataset wall"],
-                  r["ours in shards"] / r["img2dataset in shards"],
-                  r["ours + read-ahead in shards"] / r["img2dataset in shards"])
-        print(f"| {workers} | " + " | ".join(f"{r[n]:.0f}" for n in COLUMNS) + " | " +
-              " | ".join(f"{x:.2f}" for x in ratios) + " |")
+RATIOS = {"wall": ("ours wall", "img2dataset wall"),
+          "in shards": ("ours in shards", "img2dataset in shards"),
+          "read-ahead in shards": ("ours + read-ahead in shards", "img2dataset in shards")}
+
+
+def print_table(runs: dict[int, list[dict[str, float]]], images: int) -> None:
+    """Median samples/s per measurement, and ratios ours / img2dataset (> 1: we are faster):
+    the median of the per-run ratios, each run's two sides measured back to back."""
+    print("\n| workers | " + " | ".join(COLUMNS) + " | " +
+          " | ".join(f"ratio {name}" for name in RATIOS) + " |")
+    print("|---" * (1 + len(COLUMNS) + len(RATIOS)) + "|")
+    for workers, results in runs.items():
+        rates = [f"{statistics.median(images / r[c] for r in results):.0f}" for c in COLUMNS]
+        ratios = []
+        for ours, theirs in RATIOS.values():
+            per_run = [r[theirs] / r[ours] for r in results]
+            ratios.append(f"{statistics.median(per_run):.2f} "
+                          f"({', '.join(f'{x:.2f}' for x in per_run)})")
+        print(f"| {workers} | " + " | ".join(rates + ratios) + " |")
 
 
 def _jpeg_size(path: Path) -> tuple[int, int]:

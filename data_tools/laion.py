@@ -170,8 +170,6 @@ def input_format_of(path: Path, given: str | None) -> str:
     if given:
         return given
     suffix = path.suffix.lower().lstrip(".")
-    if suffix == "json":
-        suffix = "jsonl"
     if suffix not in INPUT_FORMATS:
         raise DataError(f"{path}: cannot tell the metadata format from the extension "
                         f"{path.suffix!r}; pass --input-format ({', '.join(INPUT_FORMATS)})")
@@ -188,8 +186,10 @@ def read_metadata(path: Path, input_format: str | None = None) -> pd.DataFrame:
         if fmt == "parquet":
             return pq.read_table(path).to_pandas()
         if fmt in ("csv", "tsv"):
-            return pd.read_csv(path, sep="," if fmt == "csv" else "\t", dtype_backend="numpy_nullable",
-                               keep_default_na=False, na_values=[""], encoding="utf-8")
+            # only empty cells are missing: a caption "NA" or "null" is text
+            return pd.read_csv(path, sep="," if fmt == "csv" else "\t", encoding="utf-8",
+                               dtype_backend="numpy_nullable", keep_default_na=False,
+                               na_values=[""])
         return _read_jsonl(path)
     except DataError:
         raise
@@ -539,8 +539,8 @@ def options_from_cli(args: argparse.Namespace) -> tuple[Filters, DownloadOptions
 
 def run(args: argparse.Namespace) -> int:
     filters, options = options_from_cli(args)
-    arguments = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                 if k not in ("func", "command")}
+    arguments = {k: (str(v.resolve()) if isinstance(v, Path) else v)
+                 for k, v in vars(args).items() if k not in ("func", "command")}
     manifest = convert(args.metadata, args.out, url_col=args.url_col,
                        caption_col=args.caption_col, input_format=args.input_format,
                        filters=filters, options=options, overwrite=args.overwrite,

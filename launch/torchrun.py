@@ -20,6 +20,7 @@ import argparse
 import os
 import shlex
 import signal
+import socket
 import sys
 from dataclasses import dataclass
 
@@ -130,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds ranks get to checkpoint after a signal before SIGKILL")
     parser.add_argument("--script", default=None,
                         help="run this script instead of `-m training`")
+    parser.add_argument("--ready-dir", default=None,
+                        help="create a file here once SIGUSR1 is ignored (the job script waits "
+                             "for one per node before it forwards a preemption signal)")
     parser.add_argument("--print", action="store_true", help="print the command, do not run it")
     parser.add_argument("trainer_args", nargs=argparse.REMAINDER)
     return parser
@@ -149,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     sys.stdout.flush()
     ignore_preemption_signal()
+    if args.ready_dir:
+        os.makedirs(args.ready_dir, exist_ok=True)
+        open(os.path.join(args.ready_dir, f"{socket.gethostname()}-{os.getpid()}"), "w").close()
     os.execv(cmd[0], cmd)  # same pid: signals sent to this process reach the torchrun agent
 
 

@@ -38,6 +38,7 @@ from training.checkpoint import (CheckpointManager, TrainState, export_checkpoin
                                  tag_for_step)
 from training.config import TrainConfig, save_config, to_dict
 from training.data import build_train_loader
+from training.data.sources import parse_sources
 from training.distributed import all_reduce_flag, barrier, init_distributed
 from training.engine import build_engine, deepspeed_config
 from training.losses import DistillationLoss
@@ -76,6 +77,7 @@ def preemption_flag() -> Iterator[dict]:
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
+        self.preflight()
         self.dist = init_distributed(cfg.deepspeed.backend, cfg.deepspeed.dist_timeout_s)
         self.device = torch.device(self.dist.device)
         seed_everything(cfg.seed)  # same student init on every rank
@@ -99,6 +101,13 @@ class Trainer:
             cfg.log, cfg.run_dir, rank=self.dist.rank, world_size=self.dist.world_size,
             total_steps=self.total_steps, config=to_dict(cfg),
             samples_per_step=self.samples_per_step)
+
+    def preflight(self) -> None:
+        """Cheap checks of names and files that config validation cannot do (raise ValueError)."""
+        models.resolve_model_name(self.cfg.model.student)
+        if self.cfg.model.teacher:
+            models.resolve_model_name(self.cfg.model.teacher)
+        parse_sources(self.cfg.data.train, self.cfg.data.train_weights)  # local shards exist
 
     # ---- components (one method each, swappable) -------------------------------------------
     def build_student(self):

@@ -86,6 +86,9 @@ def run_torchrun(
         output, _ = proc.communicate()
         raise TorchrunError(f"torchrun timed out after {timeout}s: {' '.join(cmd)}\n"
                             f"{_tail(output)}") from None
+    except BaseException:  # pytest-timeout, Ctrl-C: leave no rank behind
+        kill_process_tree(proc.pid)
+        raise
     result = subprocess.CompletedProcess(cmd, proc.returncode, stdout=output, stderr="")
     if check and proc.returncode != 0:
         raise TorchrunError(f"torchrun exited {proc.returncode}: {' '.join(cmd)}\n{_tail(output)}")

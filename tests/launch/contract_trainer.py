@@ -40,9 +40,19 @@ def parse(argv: list[str]) -> dict:
 
 def main() -> int:
     opts = parse(sys.argv[1:])
+    # Like the trainer: handlers while training, the previous ones (SIG_IGN under
+    # launch.torchrun) restored before exit, so a late repeat of the signal cannot kill us.
+    previous = {sig: signal.signal(sig, lambda *_: STOP.update(requested=True))
+                for sig in (signal.SIGUSR1, signal.SIGTERM)}
+    try:
+        return train(opts)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def train(opts: dict) -> int:
     run_dir, total, step_s = opts["run_dir"], int(opts["total_steps"]), float(opts["step_s"])
-    for sig in (signal.SIGUSR1, signal.SIGTERM):
-        signal.signal(sig, lambda *_: STOP.update(requested=True))
     dist.init_process_group("gloo", timeout=timedelta(seconds=120))
     rank = dist.get_rank()
     os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)

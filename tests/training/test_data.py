@@ -132,6 +132,8 @@ def test_resampled_sources_follow_their_weights(shards, tmp_path):
     (dict(batch_size=0), 1, "data.batch_size: invalid value 0"),
     (dict(batch_size=1000), 1, "give no full batch of 1000"),
     (dict(resampled=True, samples_per_epoch=10), 1, "data.samples_per_epoch=10 gives no batch of 16"),
+    (dict(train="nosuch://bucket/x-{0..3}.tar"), 1, "data.train: cannot open nosuch:// URLs"),
+    (dict(train="a.tar::"), 1, "data.train: empty source between '::'"),
 ])
 def test_bad_configuration_is_one_clear_error(shards, cfg, world_size, message):
     with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)")) as error:

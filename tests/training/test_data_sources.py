@@ -135,3 +135,14 @@ def test_truncated_shard_is_counted_and_ranks_still_get_their_batches(shards, tm
     assert len(batches) == len(loader) == 64 // BATCH
     stats = loader.stats()
     assert stats["shard_errors"] == 1 and stats["samples_repeated"] > 0
+
+
+def test_corrupt_samples_before_the_minimum_still_count(tmp_path):
+    """All the bad samples come first: the check must run when the minimum is reached."""
+    samples = [{"__key__": f"s{i:04d}", "jpg": jpeg_bytes(i), **({"txt": "a caption"} if i >= 4 else {})}
+               for i in range(40)]
+    write_tar(tmp_path / "early-0.tar", samples)
+    loader = train_loader(dict(train=str(tmp_path / "early-0.tar"), batch_size=BATCH, workers=0,
+                               max_corrupt_fraction=0.1, corrupt_min_samples=20, shuffle_buffer=0))
+    with pytest.raises(CorruptDataError, match=r"4 of 20 samples unusable \(missing_caption=4\)"):
+        list(loader)

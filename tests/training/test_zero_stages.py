@@ -4,13 +4,15 @@ produces all the numbers; each test asserts one property."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import open_clip
 import pytest
 import torch
 
 from tests.helpers.shards import make_synthetic_shards
-from tests.helpers.torchrun import run_torchrun
+from tests.helpers.torchrun import REPO_ROOT, run_torchrun
 from tests.helpers.trainer import probe_batch, step_losses
 from training import models
 
@@ -91,3 +93,17 @@ def test_feature_cached_accumulation_gives_the_full_batch_gradient(launch, stage
         assert result["grad_norm"] > 1e-3
         assert result["cached_vs_full"] < 1e-5, result
         assert result["naive_vs_full"] > 1e-2, result  # the check can tell them apart
+
+
+def test_export_on_demand_from_a_zero3_checkpoint_equals_the_end_of_run_export(launch, tmp_path):
+    out, _ = launch
+    tag_dir = out / "zero3" / "checkpoints" / "step-00000005"
+    result = subprocess.run([sys.executable, "-m", "training", "--export", str(tag_dir),
+                             "--out", str(tmp_path / "again")], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    from safetensors.torch import load_file
+    again = load_file(tmp_path / "again" / "open_clip_model.safetensors")
+    at_end = load_file(out / "zero3" / "export" / "open_clip_model.safetensors")
+    assert again.keys() == at_end.keys()
+    assert all(torch.equal(again[k], at_end[k]) for k in at_end)

@@ -54,7 +54,7 @@ class _EvalStream(IterableDataset):
                 except (OSError, ValueError):
                     account.skip("undecodable_image", url)
                     continue
-                account.ok()
+                account.ok(url)
                 pending.append((sample, image))
                 if len(pending) == self.batch_size:
                     yield self._collate(pending, worker, account)

@@ -196,7 +196,7 @@ class _TrainStream(IterableDataset):
             if isinstance(sample, str):
                 account.skip(sample, raw["__url__"])
                 continue
-            account.ok()
+            account.ok(raw["__url__"])
             yield sample
 
     def _prepare(self, sample: Sample, rng: random.Random, account: SampleAccount):

@@ -153,8 +153,12 @@ class SampleAccount:
     shard_errors: Counter = field(default_factory=Counter)
     frozen: bool = False  # set when an exact epoch reads its shards again: count each sample once
 
-    def ok(self) -> None:
-        self.read += not self.frozen
+    def ok(self, url: str) -> None:
+        if self.frozen:
+            return
+        self.read += 1
+        if self.read == self.min_samples:  # skips before the minimum were not checked yet
+            self.check(url)
 
     def skip(self, reason: str, url: str, already_read: bool = False) -> None:
         if self.frozen:
@@ -171,6 +175,7 @@ class SampleAccount:
     def check(self, url: str) -> None:
         if self.read < self.min_samples or self.corrupt <= self.max_fraction * self.read:
             return
+        url = url if self.skipped_per_shard[url] else self.skipped_per_shard.most_common(1)[0][0]
         worst, count = self.skipped_per_shard.most_common(1)[0]
         reasons = ", ".join(f"{r}={n}" for r, n in sorted(self.skipped.items()))
         raise CorruptDataError(

@@ -54,7 +54,9 @@ def parse_sources(spec: str, weights: Sequence[float] | None = None) -> list[Sou
     if any(not w > 0 for w in weights):
         raise DataError(f"data.train_weights: weights must be positive, got {weights}")
     sources = [Source(part, tuple(braceexpand.braceexpand(part)), w) for part, w in zip(parts, weights)]
-    check_local_shards_exist(url for source in sources for url in source.urls)
+    urls = [url for source in sources for url in source.urls]
+    check_local_shards_exist(urls)
+    check_url_schemes(urls)
     return sources
 
 
@@ -68,6 +70,16 @@ def check_local_shards_exist(urls: Iterable[str]) -> None:
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise DataError(f"data.train: shard not found: {missing[0]}{more}")
+
+
+def check_url_schemes(urls: Iterable[str]) -> None:
+    """Fail before any work when an fsspec URL's filesystem is not installed (s3fs, gcsfs, ...)."""
+    schemes = {url.split("://", 1)[0] for url in urls if not url.startswith("pipe:") and "://" in url}
+    for scheme in sorted(schemes - {"http", "https"}):
+        try:
+            fsspec.get_filesystem_class(scheme)
+        except (ImportError, ValueError) as exn:
+            raise DataError(f"data.train: cannot open {scheme}:// URLs: {str(exn).splitlines()[0]}") from None
 
 
 def _fsspec_has_http() -> bool:

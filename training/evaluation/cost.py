@@ -21,6 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from training.evaluation.features import autocast, unwrap_model
+from training.models import input_dtype
 
 TOKEN_EMBEDDING_NAMES = ("token_embedding", "word_embeddings")
 NOT_A_TOWER = ("logit_scale", "logit_bias")
@@ -57,7 +58,7 @@ def input_shapes(model: torch.nn.Module) -> tuple[tuple[int, int], int]:
 def dummy_inputs(model, batch_size: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Random images and all-zero tokens of the model's shapes (cost does not depend on content)."""
     (height, width), context = input_shapes(model)
-    images = torch.randn(batch_size, 3, height, width, device=device)
+    images = torch.randn(batch_size, 3, height, width, device=device, dtype=input_dtype(model))
     tokens = torch.zeros(batch_size, context, dtype=torch.long, device=device)
     return images, tokens
 

@@ -14,6 +14,8 @@ from typing import Callable, Iterable
 import torch
 import torch.distributed as dist
 
+from training.models import input_dtype
+
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
@@ -27,6 +29,19 @@ class EvalFeatures:
     text_features: torch.Tensor | None = None    # [T, D], all captions of all images
     text_to_image: torch.Tensor | None = None    # [T], index into image_features
     skipped: dict[str, int] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def full_parameters(model: torch.nn.Module):
+    """Make every parameter whole on each rank for the duration (DeepSpeed ZeRO-3 partitions
+    them); a no-op otherwise. Evaluation then calls the towers directly, without per-forward
+    collectives, so ranks may run different numbers of batches."""
+    if not any(hasattr(p, "ds_id") for p in model.parameters()):
+        yield
+        return
+    import deepspeed
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+        yield
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -82,7 +97,8 @@ def encode_loader(model, loader: Iterable[dict], device, precision: str = "fp32"
             if not batch["key"]:
                 continue
             with autocast(device, precision):
-                images = batch["image"].to(device)
+                # a bf16/fp16 engine or teacher holds low-precision weights: match their dtype
+                images = batch["image"].to(device, dtype=input_dtype(model))
                 local["images"].append(model.encode_image(images, normalize=True).float().cpu())
             local["keys"] += batch["key"]
             local["labels"].append(batch["label"])

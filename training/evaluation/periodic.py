@@ -2,8 +2,9 @@
 
 Arguments
 - model: the student being trained: an open_clip CLIP model or a wrapper holding it as
-  `.module` (DeepSpeed engine, DDP). It is switched to eval mode for the evaluation and back
-  to its previous mode afterwards; no gradient is kept.
+  `.module` (DeepSpeed engine at any ZeRO stage (ZeRO-3 parameters are gathered whole for the
+  evaluation), DDP). It is switched to eval mode for the evaluation and back to its previous
+  mode afterwards; no gradient is kept. Images are cast to its weights' dtype (bf16 engines).
 - eval_cfg: `training.config.EvalConfig` (or any object / mapping with the same keys):
   `val` (captioned shards: retrieval), `zeroshot` (labelled shards with classnames.txt and
   optionally zeroshot_classification_templates.txt, or an ImageFolder tree: zero-shot),
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from training.evaluation.features import unwrap_model
+from training.evaluation.features import full_parameters, unwrap_model
 from training.evaluation.suite import (default_tokenizer, default_transform, run_retrieval,
                                        run_zeroshot)
 
@@ -54,10 +55,11 @@ def run_periodic_eval(model, eval_cfg, dist_info=None, *, tokenizer: Callable | 
         batch_size=_get(eval_cfg, "batch_size", 64), workers=_get(eval_cfg, "workers", 0),
         rank=rank, world_size=world_size, max_samples=_get(eval_cfg, "max_samples"))
     results: dict[str, float] = {}
-    if _get(eval_cfg, "zeroshot"):
-        metrics = run_zeroshot(open_clip_model, _get(eval_cfg, "zeroshot"), **common)
-        results.update({f"zeroshot/{k}": float(metrics[k]) for k in REPORTED if k in metrics})
-    if _get(eval_cfg, "val"):
-        metrics = run_retrieval(open_clip_model, _get(eval_cfg, "val"), **common)
-        results.update({f"val/{k}": float(metrics[k]) for k in REPORTED if k in metrics})
+    with full_parameters(open_clip_model):
+        if _get(eval_cfg, "zeroshot"):
+            metrics = run_zeroshot(open_clip_model, _get(eval_cfg, "zeroshot"), **common)
+            results.update({f"zeroshot/{k}": float(metrics[k]) for k in REPORTED if k in metrics})
+        if _get(eval_cfg, "val"):
+            metrics = run_retrieval(open_clip_model, _get(eval_cfg, "val"), **common)
+            results.update({f"val/{k}": float(metrics[k]) for k in REPORTED if k in metrics})
     return results
