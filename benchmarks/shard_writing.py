@@ -3,18 +3,20 @@ runs) against img2dataset's resize + encode of the same images, served by a loca
 with 1 and 2 worker processes, in the same run. Output 256 px (shorter side), JPEG quality 95
 for both; sources are 512-640 px JPEGs generated here.
 
-    .venv/bin/python benchmarks/shard_writing.py [--images 400] [--repeats 2]
+    .venv/bin/python benchmarks/shard_writing.py [--images 400] [--repeats 3]
 
-Two rates per tool: "wall" is the whole call (process start-up included, what a user waits
-for); "in shards" leaves start-up out: img2dataset's from the first shard's start to the last
-shard's end in its NNNNN_stats.json, ours with write_shard in a pool whose workers have already
-started. A third, "ours + read-ahead", measures a proposed change to shards.py
-(ReadAheadSource). Ratios ours / img2dataset > 1 mean we are faster. Results and the command:
-docs/benchmarks.md.
+Three measurements per tool. "per image": decode + resize + encode of each image on one
+thread, the two tools alternating in this process. "wall": the whole call, process start-up
+included (what a user waits for). "in shards": start-up left out (img2dataset: first shard
+start to last shard end from its NNNNN_stats.json; ours: write_shard in a pool whose workers
+have already started). "ours + read-ahead" measures a change proposed for shards.py
+(ReadAheadSource below). Ratios ours / img2dataset > 1 mean we are faster. Results and the
+command: docs/benchmarks.md.
 """
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import multiprocessing
 import os
@@ -168,14 +170,36 @@ def _warm_up(_: int) -> None:
     prepare_image(make_image_bytes(600, 520, seed=0), ImageOptions(max_size=OUTPUT_SIZE))
 
 
-COLUMNS = ("ours wall", "img2dataset wall", "ours in shards", "ours + read-ahead in shards",
+def time_per_image(paths: list[Path]) -> dict[str, float]:
+    """The image work alone, one thread, in this process: our prepare_image against
+    img2dataset's Resizer (cv2 decode, albumentations SmallestMaxSize with INTER_AREA, cv2
+    encode) on the same bytes, alternating image by image so that load changes hit both."""
+    from img2dataset.resizer import Resizer
+
+    resizer = Resizer(image_size=OUTPUT_SIZE, resize_mode="keep_ratio",
+                      resize_only_if_bigger=True, encode_quality=QUALITY)
+    options = ImageOptions(max_size=OUTPUT_SIZE, quality=QUALITY)
+    seconds = {"ours per image": 0.0, "img2dataset per image": 0.0}
+    for path in paths:
+        data = path.read_bytes()
+        start = time.perf_counter()
+        prepare_image(data, options)
+        middle = time.perf_counter()
+        assert resizer(io.BytesIO(data))[-1] is None
+        seconds["ours per image"] += middle - start
+        seconds["img2dataset per image"] += time.perf_counter() - middle
+    return seconds
+
+
+COLUMNS = ("ours per image", "img2dataset per image", "ours wall", "img2dataset wall", "ours in shards", "ours + read-ahead in shards",
            "img2dataset in shards")
 
 
 def measure_once(paths, urls, work: Path, workers: int, per_shard: int,
                  threads: int) -> dict[str, float]:
     """Seconds for each column, all measured back to back."""
-    seconds = {"ours wall": time_ours(paths, work / "ours", workers, per_shard),
+    seconds = {**time_per_image(paths),
+               "ours wall": time_ours(paths, work / "ours", workers, per_shard),
                "ours in shards": time_ours_in_shards(paths, work / "ours", workers, per_shard),
                "ours + read-ahead in shards": time_ours_in_shards(paths, work / "ours", workers,
                                                                   per_shard, threads)}
@@ -213,7 +237,8 @@ def main() -> None:
     print_table(runs, args.images)
 
 
-RATIOS = {"wall": ("ours wall", "img2dataset wall"),
+RATIOS = {"per image": ("ours per image", "img2dataset per image"),
+          "wall": ("ours wall", "img2dataset wall"),
           "in shards": ("ours in shards", "img2dataset in shards"),
           "read-ahead in shards": ("ours + read-ahead in shards", "img2dataset in shards")}
 

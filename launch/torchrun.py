@@ -154,8 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.flush()
     ignore_preemption_signal()
     if args.ready_dir:
-        os.makedirs(args.ready_dir, exist_ok=True)
-        open(os.path.join(args.ready_dir, f"{socket.gethostname()}-{os.getpid()}"), "w").close()
+        mark_ready(args.ready_dir)
     os.execv(cmd[0], cmd)  # same pid: signals sent to this process reach the torchrun agent
 
 
@@ -166,6 +165,12 @@ def ignore_preemption_signal() -> None:
     SIGUSR1 handler; the agent, which installs none for it, would otherwise be killed by it.
     """
     signal.signal(PREEMPTION_SIGNAL, signal.SIG_IGN)
+
+
+def mark_ready(ready_dir: str) -> None:
+    """One file per node agent: from now on a SIGUSR1 can no longer kill this node's launch."""
+    os.makedirs(ready_dir, exist_ok=True)
+    open(os.path.join(ready_dir, f"{socket.gethostname()}-{os.getpid()}"), "w").close()
 
 
 if __name__ == "__main__":

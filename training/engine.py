@@ -37,12 +37,6 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
     return config
 
 
-def compute_dtype(cfg: TrainConfig) -> torch.dtype:
-    """The dtype the engine's parameters (and so its inputs) have."""
-    return {"fp32": torch.float32, "bf16": torch.bfloat16,
-            "fp16": torch.float16}[cfg.deepspeed.precision]
-
-
 def build_engine(model: torch.nn.Module, cfg: TrainConfig, *, total_steps: int,
                  world_size: int):
     """deepspeed.initialize with our AdamW groups and warm-up/cosine schedule.

@@ -74,7 +74,8 @@ class MetricsLogger:
         self._window_start, self._window_steps, self._window_wait = now, 0, 0.0
         if not self.enabled:
             return record
-        losses = " ".join(f"{k} {v:.4f}" for k, v in values.items() if is_loss(k))
+        losses = " ".join(f"{k} {values[k]:.4f}" for k in sorted(filter(is_loss, values),
+                                                                   key=lambda k: k != "loss"))
         scales = " ".join(f"{k} {v:.1f}" for k, v in values.items() if "scale" in k)
         log.info(f"step {step}/{self.total_steps} | {losses} | lr {values.get('lr', 0):.3g} | "
                  f"{scales} | {samples_per_s:.1f} samples/s ({samples_per_s / self.world_size:.1f}"

@@ -200,7 +200,7 @@ class _TrainStream(IterableDataset):
             yield sample
 
     def _prepare(self, sample: Sample, rng: random.Random, account: SampleAccount):
-        """(key, url, caption, student view, teacher view), or None if the pixels do not decode."""
+        """(key, url, caption, crop), or None if the pixels do not decode."""
         try:
             image = decode_image(sample)
         except (OSError, ValueError) as exn:
@@ -208,18 +208,11 @@ class _TrainStream(IterableDataset):
             account.skip("undecodable_image", sample.url, already_read=True)
             return None
         caption = rng.choice(sample.captions)
-        student, teacher = self.views(image, rng)
-        return sample.key, sample.url, caption, student, teacher
+        return sample.key, sample.url, caption, self.views.crop(image, rng)
 
     def _collate(self, items: list[tuple]) -> dict:
-        keys, urls, captions, students, teachers = zip(*items)
-        image = torch.stack(students)
-        if self.views.teacher is None:
-            teacher_image = None
-        elif self.views.shared:
-            teacher_image = image
-        else:
-            teacher_image = torch.stack(teachers)
+        keys, urls, captions, crops = zip(*items)
+        image, teacher_image = self.views.batch_views(torch.stack(crops))
         return {"image": image, "teacher_image": teacher_image, "text": self.tokenizer(list(captions)),
                 "key": list(keys), "url": list(urls), "caption": list(captions)}
 
