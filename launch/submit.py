@@ -104,8 +104,6 @@ def validate(spec: JobSpec) -> None:
         value = getattr(spec, name)
         if value is not None and value < 1:
             raise SubmitError(f"--{name.replace('_', '-')} {value}: must be >= 1")
-    if spec.resend_every < 1:
-        raise SubmitError(f"--resend-every {spec.resend_every}: must be >= 1 second")
     for name in ("gpus_per_node", "max_restarts"):
         if getattr(spec, name) < 0:
             raise SubmitError(f"--{name.replace('_', '-')} {getattr(spec, name)}: must be >= 0")
@@ -117,6 +115,8 @@ def validate(spec: JobSpec) -> None:
     if limit is not None and spec.signal_lead >= limit:
         raise SubmitError(f"--signal-lead {spec.signal_lead}: must be shorter than --time "
                           f"{spec.time} ({limit} s)")
+    if spec.resend_every < 1:
+        raise SubmitError(f"--resend-every {spec.resend_every}: must be >= 1 second")
     for name in ("partition", "account", "qos", "job_name"):
         value = getattr(spec, name)
         if value is not None and not _NAME.match(value):
@@ -167,7 +167,8 @@ def _validate_training_config(spec: JobSpec) -> None:
 
 def directives(spec: JobSpec) -> list[str]:
     """The #SBATCH lines, in the order a reader expects them."""
-    name = spec.job_name or Path(spec.run_dir).name or "clip-distill"
+    # Default job name: the run directory's name, with characters SLURM would choke on replaced.
+    name = spec.job_name or re.sub(r"[^A-Za-z0-9_.+-]", "_", Path(spec.run_dir).name) or "clip-distill"
     lines = [f"--job-name={name}", f"--nodes={spec.nodes}", "--ntasks-per-node=1"]
     optional = [("gpus-per-node", spec.gpus_per_node or None), ("cpus-per-task", spec.cpus_per_task),
                 ("mem", spec.mem), ("time", spec.time), ("partition", spec.partition),
@@ -175,7 +176,8 @@ def directives(spec: JobSpec) -> list[str]:
     lines += [f"--{key}={value}" for key, value in optional if value is not None]
     if spec.exclusive:
         lines.append("--exclusive")
-    lines += [f"--output={os.path.join(spec.run_dir, 'logs', 'slurm-%j.out')}", "--open-mode=append",
+    log = os.path.join(os.path.abspath(spec.run_dir), "logs", "slurm-%j.out")
+    lines += [f"--output={log}", "--open-mode=append",
               "--requeue", f"--signal=B:USR1@{spec.signal_lead}"]
     return lines + list(spec.extra_directives)
 

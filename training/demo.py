@@ -57,10 +57,10 @@ class Scale:
 
 
 FULL = Scale(train=4000, val=200, zeroshot=240, samples_per_shard=1000, batch=64,
-             teacher_steps=300, teacher_lr=2e-3, student_steps=150, student_lr=2e-3,
+             teacher_steps=250, teacher_lr=1e-3, student_steps=150, student_lr=1e-3,
              eval_every=25)
-QUICK = Scale(train=512, val=64, zeroshot=96, samples_per_shard=256, batch=32,
-              teacher_steps=10, teacher_lr=2e-3, student_steps=6, student_lr=2e-3, eval_every=3)
+QUICK = Scale(train=256, val=32, zeroshot=48, samples_per_shard=128, batch=16,
+              teacher_steps=4, teacher_lr=1e-3, student_steps=4, student_lr=1e-3, eval_every=2)
 
 
 class StepFailed(RuntimeError):
@@ -146,7 +146,8 @@ class Demo:
         self.train("distilled", *distill, teacher + periodic_eval, ranks=2)
 
         self.say(f"[4/7] scratch: the same student from scratch, contrastive only, same steps")
-        self.train("scratch", *distill, ["model.teacher=null", "loss.affinity_weight=0",
+        self.train("scratch", *distill, ["model.teacher=null", "model.teacher_pretrained=null",
+                                         "loss.affinity_weight=0",
                                          "loss.clip_weight=1", "loss.fixed_logit_scale=null",
                                          *periodic_eval], ranks=2)
 

@@ -228,8 +228,14 @@ class Trainer:
         if self.teacher is None:
             return None
         outputs = [models.encode(self.teacher, mb["teacher_image"].to(self.device),
-                                 mb["text"].to(self.device)) for mb in micro_batches]
+                                 self.teacher_tokens(mb).to(self.device)) for mb in micro_batches]
         return concat_outputs(outputs)
+
+    def teacher_tokens(self, batch: dict) -> torch.Tensor:
+        """The student's tokens, or the captions re-tokenized when the teacher's context differs."""
+        if self.teacher_info.context_length == self.student_info.context_length:
+            return batch["text"]
+        return self.teacher_info.tokenizer(batch["caption"])
 
     def regularization(self) -> dict[str, torch.Tensor]:
         """Extra terms a masked (auto-inheritance) student asks for, e.g. its L0 Lagrangian."""

@@ -300,6 +300,14 @@ def test_bad_metadata_is_one_line_error(tmp_path, capsys, name, kind, extra, mes
     assert not (tmp_path / "out").exists()  # stopped before any work
 
 
+def test_unwritable_output_folder_is_one_line_error(tmp_path, capsys):
+    metadata = write_bad(tmp_path / "m.csv", "csv_no_similarity")  # a valid one-row table
+    (tmp_path / "file").write_text("a file, not a folder")
+    status, err = run_cli([metadata, tmp_path / "file" / "out"], capsys)
+    assert status == 2 and err.count("\n") == 1
+    assert "output folder" in err and "is not writable" in err
+
+
 @pytest.mark.parametrize("args, message", [
     (["--workers", "0"], "--workers must be at least 1"),
     (["--timeout", "0"], "--timeout must be positive"),

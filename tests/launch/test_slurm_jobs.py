@@ -82,3 +82,22 @@ def test_a_crashed_rank_fails_the_whole_job_fast(slurm_cluster, tmp_path):
     assert slurm_cluster.rank_pids(job, rank=0) == []  # nothing left running
     assert events(run_dir) == ["start", "failed"] and not (run_dir / "done.json").exists()
     assert run_status(str(run_dir))["stage"] == "failed"
+
+
+@pytest.mark.slow
+def test_scancel_checkpoints_and_does_not_requeue(slurm_cluster, tmp_path):
+    """A plain `scancel` (SIGTERM to every process of the job): the ranks finish their step and
+    checkpoint within KillWait, and the job stays cancelled."""
+    run_dir = tmp_path / "run"
+    job = submit_contract(slurm_cluster, run_dir, "total_steps=1000", "step_s=0.2")
+    slurm_cluster.wait_until(job, lambda _: len(metric_steps(run_dir)) >= 3, 120, "3 steps")
+    slurm_cluster.run(["scancel", job])
+    info = slurm_cluster.wait_for_end(job, timeout=60)
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0"
+    slurm_cluster.wait_until(job, lambda _: (run_dir / "checkpoints" / "latest").exists(), 30,
+                             "the checkpoint")
+    steps = metric_steps(run_dir)
+    assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{len(steps):08d}"
+    assert steps == list(range(1, len(steps) + 1)) and not (run_dir / "done.json").exists()
+    time.sleep(2)  # the job stays cancelled: no requeue comes
+    assert slurm_cluster.job(job)["JobState"] == "CANCELLED"

@@ -50,6 +50,8 @@ def test_dry_run_renders_a_script_bash_accepts(name, tmp_path):
     assert ("TRAINER_ARGS=('data.train=/data/train/shard-{000000..000009}.tar' "
             "model.teacher_pretrained=null optim.lr=3e-4 )") in script
     assert not (tmp_path / "run dir").exists()
+    if "--job-name" not in options:
+        assert "--job-name=run_dir" in directives(script)  # from the run directory, made safe
 
 
 def test_rendered_values_survive_bash_quoting(tmp_path):

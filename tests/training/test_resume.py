@@ -52,15 +52,16 @@ def wait_for(condition, proc: subprocess.Popen, timeout: float = 300) -> None:
 
 
 def worker_pids(agent_pid: int) -> list[int]:
-    """The ranks: torchrun's agent starts them as its direct children."""
+    """The ranks: the `-m training` processes torchrun's agent starts as its direct children."""
     children = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 stat = (entry / "stat").read_text()
+                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == agent_pid:
+            if int(stat.rsplit(")", 1)[1].split()[1]) == agent_pid and b"training" in cmdline:
                 children.append(int(entry.name))
     return sorted(children)
 
@@ -101,8 +102,9 @@ def runs(tmp_path_factory):
 
     proc = start([*config, *overrides(shards, interrupted)])  # C: resume, then preempt
     resumed_from, seen = int(killed_at.split("-")[1]), len(read_metrics(interrupted))
-    wait_for(lambda: any(r["step"] > resumed_from + 1 for r in read_metrics(interrupted)[seen:]
+    wait_for(lambda: any(r["step"] > resumed_from for r in read_metrics(interrupted)[seen:]
                          if "loss" in r), proc)
+    assert len(worker_pids(proc.pid)) == 2
     os.kill(worker_pids(proc.pid)[-1], signal.SIGUSR1)
     preempted_output, _ = proc.communicate(timeout=300)
     preempted = {"rc": proc.returncode, "done": (interrupted / "done.json").exists(),

@@ -14,12 +14,14 @@ activation (importance by activation statistics on --batches batches of --data s
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
+import open_clip
 import torch
 
 from .. import models
@@ -63,8 +65,7 @@ def _inputs(req: InheritRequest) -> dict:
 
 
 def _model_cfg(name: str) -> dict | None:
-    import json
-    import open_clip
+    """The open_clip model config of a resolved name (an export's from its config file)."""
     if name.startswith("local-dir:"):
         return json.loads((Path(name[len("local-dir:"):]) / models.EXPORT_CONFIG_FILE).read_text())["model_cfg"]
     return open_clip.get_model_config(name)
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     log.setLevel(logging.INFO)
     args = build_parser().parse_args(argv)
-    req = InheritRequest(**{k: v for k, v in vars(args).items()})
+    req = InheritRequest(**vars(args))
     try:
         run_inherit(req)
     except ValueError as err:  # expected bad input: one line, no traceback

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,6 +162,13 @@ def _shape(masked: MaskedCLIP, depth: dict, units: dict, mode: str) -> PrunedSha
 def build_pruned_model(shape: PrunedShape) -> nn.Module:
     """An open_clip CLIP of `shape`; per-layer head/MLP counts swapped in where they differ."""
     model = open_clip.model.CLIP(**shape.model_cfg)
+    with warnings.catch_warnings():  # a layer may keep 0 heads or neurons: empty Linear init
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+        _swap_blocks(model, shape)
+    return model.eval()
+
+
+def _swap_blocks(model: nn.Module, shape: PrunedShape) -> None:
     for tower in TOWERS:
         for i, block in enumerate(_blocks(model, tower)):
             width = block.ln_1.normalized_shape[0]
@@ -170,7 +178,6 @@ def build_pruned_model(shape: PrunedShape) -> nn.Module:
             if block.mlp.c_fc.out_features != mlp:
                 block.mlp.c_fc = nn.Linear(width, mlp)
                 block.mlp.c_proj = nn.Linear(mlp, width)
-    return model.eval()
 
 
 def prune(masked: MaskedCLIP, mode: str = "per_layer") -> tuple[nn.Module, PrunedShape, InheritancePlan]:
