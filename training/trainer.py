@@ -18,7 +18,6 @@ returns False without writing done.json, so the job script requeues.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -143,12 +142,12 @@ class Trainer:
 
     def make_loader(self, epoch: int, skip_batches: int = 0):
         """This rank's loader for one epoch, from `skip_batches` on (cheap: built per epoch)."""
-        data_cfg = {**dataclasses.asdict(self.cfg.data), "seed": self.cfg.seed}
         return build_train_loader(
-            data_cfg, student_preprocess=self.student_info.preprocess_cfg,
+            self.cfg.data, student_preprocess=self.student_info.preprocess_cfg,
             teacher_preprocess=self.teacher_info.preprocess_cfg if self.teacher_info else None,
             tokenizer=self.student_info.tokenizer, rank=self.dist.rank,
-            world_size=self.dist.world_size, epoch=epoch, skip_batches=skip_batches)
+            world_size=self.dist.world_size, epoch=epoch, skip_batches=skip_batches,
+            seed=self.cfg.seed)
 
     @property
     def samples_per_step(self) -> int:
