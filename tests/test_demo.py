@@ -1,0 +1,50 @@
+"""`make demo` end to end at its --quick scale: every CLI of the pipeline really runs (data,
+a 1-process teacher, three 2-rank torchrun DeepSpeed students, inheritance, evaluation, report).
+
+The quick numbers mean nothing (a few steps); the test checks the plumbing: the table has the
+four runs with numbers, the report exists, and a rerun skips every finished step.
+"""
+import re
+import subprocess
+import sys
+
+import pytest
+
+from training.demo import RUNS
+
+ROW = re.compile(r"^\| (?P<label>[^|]+) \| (?P<params>[\d.]+M) \|(?P<numbers>( [\d.]+ \|){8})$")
+
+
+def run_demo(out):
+    return subprocess.run([sys.executable, "-m", "training.demo", "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=1500)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_quick_demo_writes_the_table_and_a_rerun_skips_every_step(tmp_path):
+    out = tmp_path / "demo"
+    first = run_demo(out)
+    assert first.returncode == 0, first.stdout + first.stderr
+
+    rows = [m for m in map(ROW.match, (out / "results.md").read_text().splitlines()) if m]
+    assert len(rows) == 4, (out / "results.md").read_text()
+    for row in rows:
+        recalls = [float(x) for x in row["numbers"].strip(" |").split(" | ")]
+        assert all(0 <= x <= 100 for x in recalls)
+        # R@1 <= R@5 <= R@10 in each direction: the columns are what their headers say
+        assert recalls[0] <= recalls[1] <= recalls[2] and recalls[3] <= recalls[4] <= recalls[5]
+    assert [r["params"] for r in rows][1:] == [rows[1]["params"]] * 3  # the same student
+    assert float(rows[0]["params"][:-1]) > float(rows[1]["params"][:-1])  # teacher is larger
+    for name in RUNS:
+        assert (out / name / "done.json").is_file()
+        assert (out / "eval" / f"{name}.json").is_file()
+    assert (out / "report" / "training.png").stat().st_size > 0
+    assert "[7/7] report" in first.stdout
+
+    table = (out / "results.md").read_text()
+    second = run_demo(out)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert second.stdout.count("skipped") == 5, second.stdout  # data + the four runs
+    assert "inherit finished" not in second.stdout and "eval-" not in second.stdout
+    assert (out / "results.md").read_text() == table  # same numbers from the saved records
