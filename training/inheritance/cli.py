@@ -91,10 +91,12 @@ def _scores(req: InheritRequest, teacher: torch.nn.Module, info) -> dict | None:
         return None
     if req.width == "weight-norm":
         return weight_norm_scores(teacher)
-    from ..data.eval import build_eval_loader
-    loader = build_eval_loader(req.data, info.preprocess_cfg, info.tokenizer, req.batch_size,
-                               all_captions=False)
-    batches = ((b["image"], b["text"]) for b in islice(loader, req.batches))
+    # The evaluation reader: every sample once, in shard order, unaugmented (what statistics want).
+    from ..evaluation.datasets import build_eval_loader, open_eval_set
+    from ..evaluation.suite import default_transform
+    loader = build_eval_loader(open_eval_set(req.data), default_transform(teacher), req.batch_size)
+    batches = ((b["image"], info.tokenizer([captions[0] for captions in b["captions"]]))
+               for b in islice(loader, req.batches) if b["image"] is not None)
     return activation_scores(teacher, batches)
 
 
