@@ -122,3 +122,24 @@ def test_export_equals_the_checkpoint_weights(run):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
     config = json.loads((export / "open_clip_config.json").read_text())
     assert config["model_cfg"]["embed_dim"] == 64 and config["preprocess_cfg"]["size"] in (64, [64, 64])
+
+
+def test_teacher_with_other_image_size_and_context_length(tmp_path):
+    """The teacher gets its own view size and its own tokens (re-tokenized captions)."""
+    teacher_cfg = json.loads((REPO / "configs" / "models" / "Tiny-ViT-Student.json").read_text())
+    teacher_cfg["vision_cfg"]["image_size"] = 80
+    teacher_cfg["text_cfg"]["context_length"] = 40
+    teacher_json = tmp_path / "Tiny-Teacher-80px-ctx40.json"
+    teacher_json.write_text(json.dumps(teacher_cfg))
+    shards = make_synthetic_shards(tmp_path / "shards", train=32, val=0, zeroshot=0)
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "training", "--config", str(REPO / "configs" / "tiny-distill.yaml"),
+         *tiny_overrides(shards["train_shards"], run_dir, steps=2), f"model.teacher={teacher_json}",
+         "optim.grad_accum_steps=2", "data.batch_size=4", "checkpoint.export_at_end=false"],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    train = [r for r in read_metrics(run_dir) if "loss" in r]
+    assert [r["step"] for r in train] == [1, 2]
+    assert all(math.isfinite(r["affinity"]) and r["affinity"] > 0 for r in train)
+    assert json.loads((run_dir / "done.json").read_text())["samples_seen"] == 2 * 8
