@@ -9,7 +9,7 @@ Three measurements per tool. "per image": decode + resize + encode of each image
 thread, the two tools alternating in this process. "wall": the whole call, process start-up
 included (what a user waits for). "in shards": start-up left out (img2dataset: first shard
 start to last shard end from its NNNNN_stats.json; ours: write_shard in a pool whose workers
-have already started). "ours + read-ahead" measures a change proposed for shards.py
+have already started). "ours + read-ahead" measures a candidate change to shards.py
 (ReadAheadSource below). Ratios ours / img2dataset > 1 mean we are faster. Results and the
 command: docs/benchmarks.md.
 """
@@ -66,11 +66,11 @@ class ImageFileSource:
 
 
 class ReadAheadSource:
-    """PROPOSED for data_tools/shards.py (write_shard), measured here: while the writer takes
-    item i, the next items of the same shard are already being prepared on `threads` threads
-    (a bounded window, in order). Pillow releases the GIL in decode, resize and encode, so one
-    worker process keeps several cores busy, as img2dataset's download threads do. The shards
-    are unchanged: items still arrive in order."""
+    """A candidate change to data_tools/shards.py (write_shard), measured here and NOT adopted
+    (docs/benchmarks.md: no gain, often a loss, on 2 cores): while the writer takes item i,
+    the next items of the same shard are prepared on `threads` threads (Pillow releases the GIL
+    in decode, resize and encode, as cv2 does for img2dataset's download threads). Items still
+    arrive in order, so the shards would be unchanged."""
 
     def __init__(self, source, threads: int, samples_per_shard: int):
         self.source, self.threads, self.samples_per_shard = source, threads, samples_per_shard

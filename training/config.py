@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -128,7 +129,14 @@ def load_config(path: Optional[str] = None, overrides: List[str] = (), *,
         if path is not None:
             if not os.path.isfile(path):
                 raise ConfigError(f"{path}: config file not found")
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            try:
+                loaded = OmegaConf.load(path)
+            except yaml.YAMLError as err:
+                mark = getattr(err, "problem_mark", None)
+                where = f"line {mark.line + 1}: " if mark else ""
+                problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+                raise ConfigError(f"{path}: {where}not valid YAML ({problem})") from None
+            merged = OmegaConf.merge(merged, loaded)
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override {item!r}: expected section.key=value")

@@ -213,7 +213,9 @@ class Trainer:
             self.engine.step()
         losses.update({f"loss_{name}": value for name, value in extra.items()})
         losses["lr"] = torch.tensor(lr, dtype=torch.float64)
-        losses["logit_scale"] = student["logit_scale"].detach().reshape(())
+        fixed = self.cfg.loss.fixed_logit_scale  # the scale the loss used, when it is forced
+        losses["logit_scale"] = (torch.tensor(float(fixed)) if fixed is not None
+                                 else student["logit_scale"].detach().reshape(()))
         if teacher is not None:
             losses["teacher_logit_scale"] = teacher["logit_scale"].detach().reshape(())
         return {k: v.detach() for k, v in losses.items()}

@@ -17,10 +17,12 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.helpers.shards import make_synthetic_shards
-from tests.helpers.torchrun import REPO_ROOT, run_torchrun, torchrun_command, torchrun_env
+from tests.helpers.torchrun import (REPO_ROOT, kill_process_tree, run_torchrun, torchrun_command,
+                                   torchrun_env)
 from tests.helpers.trainer import TINY_DISTILL, read_metrics, step_losses, tiny_overrides
 
 pytestmark = pytest.mark.slow
@@ -53,26 +55,13 @@ def wait_for(condition, proc: subprocess.Popen, timeout: float = 300) -> None:
 
 def worker_pids(agent_pid: int) -> list[int]:
     """The ranks: the `-m training` processes torchrun's agent starts as its direct children."""
-    children = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == agent_pid and b"training" in cmdline:
-                children.append(int(entry.name))
-    return sorted(children)
+    return sorted(child.pid for child in psutil.Process(agent_pid).children()
+                  if "training" in child.cmdline())
 
 
 def kill_run(proc: subprocess.Popen) -> None:
-    """SIGKILL the ranks and the agent (torchrun puts each rank in its own session)."""
-    for pid in worker_pids(proc.pid) + [proc.pid]:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    """SIGKILL the agent and its ranks (torchrun puts each rank in its own session)."""
+    kill_process_tree(proc.pid)
     proc.wait()
 
 
