@@ -191,8 +191,8 @@ def time_per_image(paths: list[Path]) -> dict[str, float]:
     return seconds
 
 
-COLUMNS = ("ours per image", "img2dataset per image", "ours wall", "img2dataset wall", "ours in shards", "ours + read-ahead in shards",
-           "img2dataset in shards")
+COLUMNS = ("ours per image", "img2dataset per image", "ours wall", "img2dataset wall",
+           "ours in shards", "ours + read-ahead in shards", "img2dataset in shards")
 
 
 def measure_once(paths, urls, work: Path, workers: int, per_shard: int,

@@ -25,7 +25,6 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -379,7 +378,8 @@ def plan_fingerprint(rows: pd.DataFrame, options: DownloadOptions) -> str:
     """Identifies what a folder holds: the exact rows to download and the download options
     that change the bytes of the shards (not processes, threads, timeout or retries)."""
     digest = hashlib.sha256()
-    digest.update(pd.util.hash_pandas_object(rows[["url", "caption"]], index=False).values.tobytes())
+    row_hashes = pd.util.hash_pandas_object(rows[["url", "caption"]], index=False)
+    digest.update(row_hashes.values.tobytes())
     identity = {k: v for k, v in asdict(options).items()
                 if k not in ("processes", "threads", "timeout", "retries")}
     digest.update(json.dumps(identity, sort_keys=True, default=str).encode())
@@ -387,7 +387,8 @@ def plan_fingerprint(rows: pd.DataFrame, options: DownloadOptions) -> str:
 
 
 def img2dataset_files(out_dir: Path) -> list[Path]:
-    patterns = [f"{'[0-9]' * SHARD_DIGITS}{suffix}" for suffix in (".tar", ".parquet", "_stats.json")]
+    patterns = [f"{'[0-9]' * SHARD_DIGITS}{suffix}"
+                for suffix in (".tar", ".parquet", "_stats.json")]
     return sorted(p for pattern in patterns for p in out_dir.glob(pattern))
 
 

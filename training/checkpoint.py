@@ -184,10 +184,15 @@ def export_checkpoint(tag_dir: str, out_dir: str) -> str:
     """Write a checkpoint's student in open_clip format (`clip-train --export`, and each run's end).
 
     The feature-distillation projection (`distill_projection.*`) is training-only and left out.
+    A masked student (`model.mask`) is pruned first (training/inheritance/prune.py): uniform ->
+    open_clip format, per_layer -> pruned_config.json + weights for `load_pruned`.
     """
     from training import models
 
     state, config = student_state_dict(tag_dir)
     state = {k: v for k, v in state.items() if not k.startswith("distill_projection.")}
     student = config["model"]["student"]
+    if config["model"].get("mask"):
+        from training.inheritance.prune import export_pruned_student
+        return str(export_pruned_student(state, student, config["model"]["mask"], out_dir))
     return str(models.export_open_clip(state, student, out_dir))

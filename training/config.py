@@ -20,6 +20,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 FEATURE_KINDS = ("mse", "cosine")
 WANDB_MODES = ("disabled", "offline", "online")
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+PRUNE_MODES = ("uniform", "per_layer")  # training.inheritance.prune.MODES
 
 
 class ConfigError(ValueError):
@@ -40,6 +41,16 @@ class DataConfig:
 
 
 @dataclass
+class MaskConfig:
+    """Automatic inheritance: L0 gates learned under a sparsity constraint, pruned at export."""
+    target_sparsity: float = MISSING  # fraction of attention + MLP weights to remove, in [0, 1)
+    start_sparsity: float = 0.0  # the constraint's target rises from here ...
+    warmup_steps: int = 0  # ... to target_sparsity over this many steps
+    lr: float = 0.05  # constant AdamW rate of the gates and the Lagrange multipliers
+    prune_mode: str = "uniform"  # uniform (plain open_clip export) | per_layer (load_pruned)
+
+
+@dataclass
 class ModelConfig:
     student: str = MISSING  # open_clip model name or path to a model-config JSON
     student_init: Optional[str] = None  # state-dict file (e.g. from clip-inherit)
@@ -47,6 +58,7 @@ class ModelConfig:
     teacher_pretrained: Optional[str] = None  # pretrained tag or local checkpoint file
     teacher_dtype: str = "fp32"  # fp32 | bf16 | fp16
     grad_checkpointing: bool = False
+    mask: Optional[MaskConfig] = None  # set: train a masked student, export it pruned
 
 
 @dataclass
@@ -230,9 +242,33 @@ def validate(cfg: TrainConfig, *, cuda_available: Optional[bool] = None) -> None
     pretrained = model.teacher_pretrained
     _require(pretrained is None or not pretrained.endswith(WEIGHT_FILE_SUFFIXES)
              or os.path.isfile(pretrained), "model.teacher_pretrained", f"file not found: {pretrained}")
+    if model.mask is not None:
+        validate_mask(cfg)
     resume = cfg.checkpoint.resume
     _require(resume in (None, "latest") or os.path.isdir(resume), "checkpoint.resume",
              f"must be null, 'latest' or an existing checkpoint directory, got {resume!r}")
+
+
+def validate_mask(cfg: TrainConfig) -> None:
+    """model.mask: the constraint's numbers, and what the masked forward cannot do."""
+    mask = cfg.model.mask
+    _require(0 <= mask.target_sparsity < 1, "model.mask.target_sparsity",
+             f"must be in [0, 1), got {mask.target_sparsity}")
+    _require(0 <= mask.start_sparsity <= mask.target_sparsity, "model.mask.start_sparsity",
+             f"must be between 0 and model.mask.target_sparsity, got {mask.start_sparsity}")
+    _require(mask.warmup_steps >= 0, "model.mask.warmup_steps", "must be >= 0")
+    _require(mask.lr > 0, "model.mask.lr", "must be > 0")
+    _require(mask.prune_mode in PRUNE_MODES, "model.mask.prune_mode",
+             f"must be one of {PRUNE_MODES}, got {mask.prune_mode!r}")
+    # The masked forward reads the blocks' weights itself: ZeRO-3's per-module gathering never
+    # runs, and its activation checkpointing switch does not exist.
+    _require(cfg.deepspeed.zero_stage < 3, "deepspeed.zero_stage",
+             "model.mask needs ZeRO stage 0, 1 or 2 (the masked forward bypasses ZeRO-3 hooks)")
+    _require(not cfg.model.grad_checkpointing, "model.grad_checkpointing",
+             "not supported with model.mask")
+    # Each forward samples new gates: cached and live micro-batch passes would disagree.
+    _require(cfg.optim.grad_accum_steps == 1, "optim.grad_accum_steps",
+             "must be 1 with model.mask (each forward samples its own gates)")
 
 
 def to_dict(cfg: TrainConfig) -> dict:

@@ -48,7 +48,8 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, *, total_steps: int,
 
     if cfg.model.grad_checkpointing:
         model.set_grad_checkpointing(True)  # open_clip's switch for both towers
-    optimizer = build_optimizer(model, cfg.optim)
+    mask_lr = cfg.model.mask.lr if cfg.model.mask is not None else None
+    optimizer = build_optimizer(model, cfg.optim, mask_lr)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,

@@ -110,7 +110,16 @@ class Trainer:
 
     # ---- components (one method each, swappable) -------------------------------------------
     def build_student(self):
-        model, info = models.build_student(self.cfg.model.student, self.cfg.model.student_init)
+        """The open_clip student, or with `model.mask` the same model wrapped in L0 gates."""
+        cfg = self.cfg.model
+        if cfg.mask is None:
+            model, info = models.build_student(cfg.student, cfg.student_init)
+        else:
+            from training.inheritance.masked_clip import build_masked_student
+            mask = cfg.mask
+            model = build_masked_student(cfg.student, cfg.student_init, mask.target_sparsity,
+                                         mask.start_sparsity, mask.warmup_steps)
+            info = models.model_info(model.clip, models.resolve_model_name(cfg.student))
         return models.make_deepspeed_safe(model), info
 
     def build_teacher(self):
@@ -212,6 +221,7 @@ class Trainer:
             self.engine.backward(loss, scale_wrt_gas=False)  # each pass is the full-batch loss
             self.engine.step()
         losses.update({f"loss_{name}": value for name, value in extra.items()})
+        losses.update(self.mask_metrics())
         losses["lr"] = torch.tensor(lr, dtype=torch.float64)
         fixed = self.cfg.loss.fixed_logit_scale  # the scale the loss used, when it is forced
         losses["logit_scale"] = (torch.tensor(float(fixed)) if fixed is not None
@@ -241,6 +251,12 @@ class Trainer:
     def regularization(self) -> dict[str, torch.Tensor]:
         """Extra terms a masked (auto-inheritance) student asks for, e.g. its L0 Lagrangian."""
         hook = getattr(self.engine.module, "regularization_losses", None)
+        return dict(hook(self.state.step)) if hook is not None else {}
+
+    def mask_metrics(self) -> dict[str, torch.Tensor]:
+        """A masked student's multipliers and expected sparsity after this step, and the target
+        this step's Lagrangian used."""
+        hook = getattr(self.engine.module, "sparsity_metrics", None)
         return dict(hook(self.state.step)) if hook is not None else {}
 
     # ---- what happens between steps ---------------------------------------------------------

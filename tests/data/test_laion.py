@@ -247,7 +247,8 @@ def test_cli_options_are_the_api_options():
 def test_robots_check_can_be_turned_off():
     """img2dataset reads None as "its default list" and [] as "no check": an empty
     --disallowed-header-directives must reach it as []."""
-    args = cli.build_parser().parse_args(["laion", "m.csv", "out", "--disallowed-header-directives", ""])
+    args = cli.build_parser().parse_args(
+        ["laion", "m.csv", "out", "--disallowed-header-directives", ""])
     _, options = options_from_cli(args)
     assert options.download_kwargs()["disallowed_header_directives"] == []
     assert DownloadOptions().download_kwargs()["disallowed_header_directives"] == [
@@ -268,7 +269,8 @@ def write_bad(path: Path, kind: str) -> Path:
     elif kind == "parquet_garbage":
         path.write_bytes(b"PAR1 this is not a parquet file at all")
     elif kind == "csv_ragged":
-        path.write_text('URL,TEXT\nhttp://127.0.0.1:9/a.jpg,fine\nhttp://x/b.jpg,"a,b",extra,more\n')
+        path.write_text('URL,TEXT\nhttp://127.0.0.1:9/a.jpg,fine\n'
+                        'http://x/b.jpg,"a,b",extra,more\n')
     elif kind == "jsonl_broken":
         path.write_text('{"URL": "http://127.0.0.1:9/a.jpg", "TEXT": "ok"}\n{"URL": broken\n')
     elif kind == "csv_no_similarity":
@@ -281,12 +283,16 @@ def write_bad(path: Path, kind: str) -> Path:
 
 
 @pytest.mark.parametrize("name, kind, extra, message", [
-    ("m.parquet", "parquet_missing_caption", [], r"m\.parquet has no column 'TEXT' \(needed by --caption-col\)"),
+    ("m.parquet", "parquet_missing_caption", [],
+     r"m\.parquet has no column 'TEXT' \(needed by --caption-col\)"),
     ("m.parquet", "parquet_garbage", [], r"m\.parquet: not a readable parquet file"),
     ("m.csv", "csv_ragged", [], r"m\.csv: not a readable csv file \(.*Expected 2 fields in line 3"),
     ("m.jsonl", "jsonl_broken", [], r"m\.jsonl line 2: not valid JSON"),
-    ("m.csv", "csv_no_similarity", ["--min-similarity", "0.3"], r"no column 'similarity' \(needed by --min-similarity\)"),
-    ("m.csv", "csv_all_filtered", [], r"no row left after filtering \((empty_caption: 1, invalid_url: 1|invalid_url: 1, empty_caption: 1)\)"),
+    ("m.csv", "csv_no_similarity", ["--min-similarity", "0.3"],
+     r"no column 'similarity' \(needed by --min-similarity\)"),
+    ("m.csv", "csv_all_filtered", [],
+     r"no row left after filtering \((empty_caption: 1, invalid_url: 1|invalid_url: 1, "
+     r"empty_caption: 1)\)"),
     ("m.csv", "csv_non_utf8", [], r"m\.csv: not a readable csv file"),
     ("m.txt", "csv_no_similarity", [], r"cannot tell the metadata format .*--input-format"),
     ("absent.csv", None, [], r"metadata file .*absent\.csv does not exist"),

@@ -95,7 +95,8 @@ class ImageServer:
         self.stop()
 
 
-def make_image_bytes(width: int, height: int, seed: int, fmt: str = "JPEG", mode: str = "RGB") -> bytes:
+def make_image_bytes(width: int, height: int, seed: int, fmt: str = "JPEG",
+                     mode: str = "RGB") -> bytes:
     """A photo-like test image (smooth gradients plus a few blocks plus mild noise), so that JPEG
     encode/decode costs are realistic; deterministic by seed."""
     rng = np.random.default_rng(seed)

@@ -74,6 +74,9 @@ def _check_supported(model: nn.Module) -> None:
 class MaskedCLIP(nn.Module):
     """Wraps an open_clip CLIP (`self.clip`, weights untouched) with gates and the constraint."""
 
+    # Parameters the trainer puts in their own optimizer group (training/optim.py).
+    mask_param_prefixes = ("gates.", "constraint.")
+
     def __init__(self, clip: nn.Module, model_cfg: dict, target_sparsity: float,
                  start_sparsity: float = 0.0, warmup_steps: int = 0):
         super().__init__()
@@ -119,6 +122,14 @@ class MaskedCLIP(nn.Module):
     def regularization_losses(self, step: int) -> dict[str, torch.Tensor]:
         """The trainer adds these to the loss: the Lagrangian sparsity constraint."""
         return {"lagrangian": self.constraint(self.expected_sparsity(), step)}
+
+    @torch.no_grad()
+    def sparsity_metrics(self, step: int) -> dict[str, torch.Tensor]:
+        """What the trainer logs each step: expected and target sparsity, the multipliers."""
+        lambdas = self.constraint.lambdas.detach().float()
+        return {"mask/expected_sparsity": self.expected_sparsity().detach().float(),
+                "mask/target_sparsity": torch.tensor(self.constraint.target_at(step)),
+                "mask/lambda1": lambdas[0], "mask/lambda2": lambdas[1]}
 
     # ---- forward -----------------------------------------------------------------------------
     def _block(self, block: nn.Module, x: torch.Tensor, keep: torch.Tensor, z: dict,

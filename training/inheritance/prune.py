@@ -221,10 +221,11 @@ def _unit_count(masked: MaskedCLIP, axis: str) -> int:
     return block.attn.num_heads if axis.endswith(".heads") else block.mlp.c_fc.out_features
 
 
-def save_pruned(model: nn.Module, shape: PrunedShape, out_dir: str | Path, name: str) -> Path:
+def save_pruned(model: nn.Module, shape: PrunedShape, out_dir: str | Path, name: str,
+                preprocess_cfg: dict | None = None) -> Path:
     """Write a pruned model. Uniform shapes: open_clip's format (loads with
-    `open_clip.create_model("local-dir:OUT")`). Per-layer shapes: pruned_config.json + weights
-    (load_pruned)."""
+    `open_clip.create_model("local-dir:OUT")`; `preprocess_cfg` is the unpruned model's).
+    Per-layer shapes: pruned_config.json + weights (load_pruned)."""
     from safetensors.torch import save_file
 
     from .. import models
@@ -234,7 +235,7 @@ def save_pruned(model: nn.Module, shape: PrunedShape, out_dir: str | Path, name:
     if _is_uniform(shape):
         config_file = out_dir / f"{name}.json"
         config_file.write_text(json.dumps(shape.model_cfg, indent=2) + "\n")
-        return models.export_open_clip(model, config_file, out_dir)
+        return models.export_open_clip(model, config_file, out_dir, preprocess_cfg)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out_dir / (WEIGHTS + ".tmp")), metadata={"format": "pt"})
     (out_dir / (WEIGHTS + ".tmp")).replace(out_dir / WEIGHTS)
@@ -259,3 +260,26 @@ def load_pruned(out_dir: str | Path) -> nn.Module:
     model = build_pruned_model(PrunedShape(**data))
     model.load_state_dict(load_file(str(out_dir / WEIGHTS)), strict=True)
     return model
+
+
+def export_pruned_student(state: dict[str, torch.Tensor], student: str, mask: dict,
+                          out_dir: str | Path) -> Path:
+    """A trained MaskedCLIP's state dict -> pruned (`mask["prune_mode"]`) and written to out_dir.
+
+    The trainer's export of a `model.mask` run: the masked student is rebuilt from its config
+    name, loaded strictly from the checkpoint's weights, pruned with deterministic gates and
+    saved with save_pruned. The model name is derived from the pruned config, so two different
+    shapes never share a name in open_clip's registry.
+    """
+    import hashlib
+
+    from .. import models
+    from .masked_clip import build_masked_student
+
+    masked = build_masked_student(student, None, mask["target_sparsity"],
+                                  mask.get("start_sparsity", 0.0), mask.get("warmup_steps", 0))
+    models.load_strict(masked, state, f"masked student of {student}")
+    pruned, shape, _plan = prune(masked, mask.get("prune_mode", "uniform"))
+    digest = hashlib.sha256(json.dumps(shape.to_json(), sort_keys=True).encode()).hexdigest()[:10]
+    preprocess = dict(open_clip.get_model_preprocess_cfg(masked.clip))
+    return save_pruned(pruned, shape, out_dir, f"pruned-{digest}", preprocess)
