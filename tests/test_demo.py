@@ -2,7 +2,8 @@
 a 1-process teacher, three 2-rank torchrun DeepSpeed students, inheritance, evaluation, report).
 
 The quick numbers mean nothing (a few steps); the test checks the plumbing: the table has the
-four runs with numbers, the report exists, and a rerun skips every finished step.
+four runs with numbers, the report exists, and a rerun skips every finished step,
+and an OUT made with other settings is refused.
 """
 import re
 import subprocess
@@ -15,9 +16,9 @@ from training.demo import RUNS
 ROW = re.compile(r"^\| (?P<label>[^|]+) \| (?P<params>[\d.]+M) \|(?P<numbers>( [\d.]+ \|){8})$")
 
 
-def run_demo(out):
-    return subprocess.run([sys.executable, "-m", "training.demo", "--quick", "--out", str(out)],
-                          capture_output=True, text=True, timeout=1500)
+def run_demo(out, *extra):
+    return subprocess.run([sys.executable, "-m", "training.demo", "--quick", "--out", str(out),
+                           *extra], capture_output=True, text=True, timeout=1500)
 
 
 @pytest.mark.slow
@@ -48,3 +49,8 @@ def test_quick_demo_writes_the_table_and_a_rerun_skips_every_step(tmp_path):
     assert second.stdout.count("skipped") == 5, second.stdout  # data + the four runs
     assert "inherit finished" not in second.stdout and "eval-" not in second.stdout
     assert (out / "results.md").read_text() == table  # same numbers from the saved records
+
+    other_seed = run_demo(out, "--seed", "1")  # would mix two demos: refused before any work
+    assert other_seed.returncode == 2
+    assert other_seed.stderr.startswith("demo: error:") and "other settings" in other_seed.stderr
+    assert "[1/7]" not in other_seed.stdout

@@ -7,6 +7,11 @@ stage inherits from that export. The distillation teacher is the same in every s
     RUN_ROOT/<stage>/inherit/{student.safetensors, inheritance.json}
     RUN_ROOT/<stage>/...           the training run dir (checkpoints/, export/, done.json)
 
+Automatic inheritance stages set `model.mask.*` in their overrides: the run learns masks and
+exports the pruned student. A stage whose `student` is `previous` trains the previous stage's
+export itself, weights included (`local-dir:RUN_ROOT/<previous>/export`, no inheritance step):
+that is how a pruned student is masked further or distilled (configs/stages/tiny-auto.yaml).
+
 Rerunning the same command is always safe: a stage whose run dir has done.json and its export
 is skipped; an unfinished stage re-inherits only if its inputs changed (record.py) and resumes
 its training from `checkpoints/latest` (checkpoint.resume=latest). When training stops without
@@ -34,6 +39,7 @@ from .manual import DEPTH_RULES
 
 log = logging.getLogger("clip-stages")
 INHERIT_FROM = ("teacher", "previous", "none")
+PREVIOUS = "previous"  # Stage.student: the previous stage's export, weights included
 
 
 @dataclass
@@ -50,7 +56,8 @@ class InheritStep:
 @dataclass
 class Stage:
     name: str = MISSING
-    student: str = MISSING                               # open_clip name or JSON config
+    student: str = MISSING                               # open_clip name or JSON config, or
+                                                         # `previous` (the previous stage's export)
     inherit: InheritStep = field(default_factory=InheritStep)
     overrides: List[str] = field(default_factory=list)   # training key=value for this stage
 
@@ -108,6 +115,9 @@ def _validate(cfg: StagesConfig, path: str) -> None:
             raise ValueError(f"{path}: key {key}.depth: {stage.inherit.depth!r} not in {DEPTH_RULES}")
         if stage.inherit.width not in WIDTH_CHOICES:
             raise ValueError(f"{path}: key {key}.width: {stage.inherit.width!r} not in {WIDTH_CHOICES}")
+        if stage.student == PREVIOUS and i == 0:
+            raise ValueError(f"{path}: key stages[0].student: the first stage has no previous "
+                             f"stage to start from")
         if not all("=" in o for o in stage.overrides + cfg.train_overrides):
             raise ValueError(f"{path}: key stages[{i}].overrides: expected key=value items")
 
@@ -117,14 +127,29 @@ def stage_dir(cfg: StagesConfig, stage: Stage) -> Path:
 
 
 def is_done(run_dir: Path) -> bool:
-    """A stage is complete when training wrote done.json and the export exists."""
-    return (run_dir / "done.json").is_file() and (run_dir / "export" / "open_clip_config.json").is_file()
+    """A stage is complete when training wrote done.json and the export exists (open_clip's
+    format, or a per-layer pruned model's pruned_config.json)."""
+    export = run_dir / "export"
+    return (run_dir / "done.json").is_file() and any(
+        (export / name).is_file() for name in ("open_clip_config.json", "pruned_config.json"))
+
+
+def student_model(cfg: StagesConfig, index: int) -> str:
+    """The stage's model.student: its own name, or the previous stage's export folder."""
+    stage = cfg.stages[index]
+    if stage.student != PREVIOUS:
+        return stage.student
+    export = stage_dir(cfg, cfg.stages[index - 1]) / "export"
+    if (export / "pruned_config.json").is_file():
+        raise ValueError(f"stage {stage.name}: {export} is a per-layer pruned model, which open_clip "
+                         f"cannot build; use model.mask.prune_mode=uniform in the stage before")
+    return f"local-dir:{export}"
 
 
 def _inherit(cfg: StagesConfig, index: int) -> Optional[str]:
     """Run the stage's inheritance (a no-op when up to date); the state-dict path or None."""
     stage, step = cfg.stages[index], cfg.stages[index].inherit
-    if step.source == "none":
+    if step.source == "none" or stage.student == PREVIOUS:
         return None
     if step.source == "previous" and index > 0:
         source, pretrained = f"local-dir:{stage_dir(cfg, cfg.stages[index - 1]) / 'export'}", None
@@ -139,7 +164,7 @@ def _inherit(cfg: StagesConfig, index: int) -> Optional[str]:
 
 def training_command(cfg: StagesConfig, index: int, student_init: Optional[str]) -> list[str]:
     stage = cfg.stages[index]
-    overrides = [f"run_dir={stage_dir(cfg, stage)}", f"model.student={stage.student}",
+    overrides = [f"run_dir={stage_dir(cfg, stage)}", f"model.student={student_model(cfg, index)}",
                  f"model.teacher={cfg.teacher}", "checkpoint.resume=latest",
                  "checkpoint.export_at_end=true"]
     if cfg.teacher_pretrained is not None:
