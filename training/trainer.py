@@ -192,9 +192,16 @@ class Trainer:
         accum = self.cfg.optim.grad_accum_steps
         while self.state.step < self.total_steps:
             self.loader = self.make_loader(self.state.epoch, self.state.batches_in_epoch)
-            batches, start = iter(self.loader), time.perf_counter()
+            # The loader draws from the global torch RNG (the iterator's base seed; with 0
+            # workers, reading samples in this process, skipped ones included, though its own
+            # randomness is seeded). Keep those draws out of the training stream (a masked
+            # student samples its gates from it), or a resumed run would sample other gates.
+            with torch.random.fork_rng(devices=[]):
+                batches = iter(self.loader)
+            start = time.perf_counter()
             for _ in range(self.steps_per_epoch - self.state.batches_in_epoch // accum):
-                group = [next(batches) for _ in range(accum)]
+                with torch.random.fork_rng(devices=[]):
+                    group = [next(batches) for _ in range(accum)]
                 self.state.batches_in_epoch += accum
                 yield group, time.perf_counter() - start
                 if self.state.step >= self.total_steps:
