@@ -240,7 +240,8 @@ def validate(cfg: TrainConfig, *, cuda_available: Optional[bool] = None) -> None
     _require(model.student_init is None or os.path.isfile(model.student_init),
              "model.student_init", f"file not found: {model.student_init}")
     pretrained = model.teacher_pretrained
-    _require(pretrained is None or not pretrained.endswith(WEIGHT_FILE_SUFFIXES)
+    _require(pretrained is None or model.teacher is None  # unused without a teacher
+             or not pretrained.endswith(WEIGHT_FILE_SUFFIXES)
              or os.path.isfile(pretrained), "model.teacher_pretrained", f"file not found: {pretrained}")
     if model.mask is not None:
         validate_mask(cfg)

@@ -230,12 +230,18 @@ class Trainer:
         losses.update({f"loss_{name}": value for name, value in extra.items()})
         losses.update(self.mask_metrics())
         losses["lr"] = torch.tensor(lr, dtype=torch.float64)
-        fixed = self.cfg.loss.fixed_logit_scale  # the scale the loss used, when it is forced
-        losses["logit_scale"] = (torch.tensor(float(fixed)) if fixed is not None
-                                 else student["logit_scale"].detach().reshape(()))
+        losses["logit_scale"] = self.scale_used(student)
         if teacher is not None:
-            losses["teacher_logit_scale"] = teacher["logit_scale"].detach().reshape(())
+            losses["teacher_logit_scale"] = self.scale_used(teacher)
         return {k: v.detach() for k, v in losses.items()}
+
+    def scale_used(self, outputs: dict) -> torch.Tensor:
+        """The logit scale the loss applied: the forced one (loss.fixed_logit_scale) or the
+        model's own."""
+        fixed = self.cfg.loss.fixed_logit_scale
+        if fixed is not None:
+            return torch.tensor(float(fixed))
+        return outputs["logit_scale"].detach().reshape(())
 
     def student_outputs(self, batch: dict) -> dict:
         return models.encode(self.engine, batch["image"].to(self.device, non_blocking=True),
