@@ -1,4 +1,5 @@
 """The torchrun command builder (launch/torchrun.py): flags for one node and for N nodes."""
+import os
 import shlex
 import subprocess
 import sys
@@ -50,14 +51,26 @@ def test_bad_settings_are_one_line_errors(argv, env, message):
         parse(argv, env)
 
 
+# What a launcher or an earlier in-process test may have left in this process's environment;
+# the CLI reads them as defaults, so the subprocesses below run without them.
+LAUNCH_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK",
+                    "LOCAL_WORLD_SIZE", "GROUP_RANK", "NNODES", "NODE_RANK", "RUN_ID",
+                    "NPROC_PER_NODE")
+
+
+def clean_env() -> dict:
+    return {k: v for k, v in os.environ.items()
+            if k not in LAUNCH_VARIABLES and not k.startswith("SLURM_")}
+
+
 def test_cli_prints_the_command_and_rejects_bad_input():
     ok = subprocess.run([sys.executable, "-m", "launch.torchrun", "--print", "--nnodes", "2",
                          "--master-addr", "h0", "--run-id", "r", "--", "--config", "c.yaml", "a=b"],
-                        capture_output=True, text=True, check=True)
+                        capture_output=True, text=True, check=True, env=clean_env())
     argv = shlex.split(ok.stdout)
     assert "--rdzv-endpoint=h0:29500" in argv and argv[-5:] == ["-m", "training", "--config", "c.yaml", "a=b"]
     bad = subprocess.run([sys.executable, "-m", "launch.torchrun", "--nnodes", "2"],
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, env=clean_env())
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines() == [
         "launch.torchrun: error: nnodes=2 needs a master address (--master-addr or MASTER_ADDR)"]
