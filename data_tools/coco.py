@@ -8,10 +8,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from data_tools.images import add_image_arguments, options_from_args
-from data_tools.shards import (add_writer_arguments, content_arguments, ensure_writable_dir,
-                               writer_from_args)
-from data_tools.sources import (Record, RecordSource, existing_dir, load_json,
-                                print_summary, require)
+from data_tools.shards import add_writer_arguments, ensure_writable_dir
+from data_tools.sources import Record, existing_dir, load_json, require, write_records
 
 
 def read_coco_captions(path: Path, image_dir: Path) -> tuple[list[Record], Counter, dict]:
@@ -72,10 +70,7 @@ def run(args: argparse.Namespace) -> int:
     ensure_writable_dir(args.out)
     existing_dir(args.images, "--images")
     records, dropped, examples = read_coco_captions(args.captions, args.images)
-    source = RecordSource(records, options, "coco", pre_skipped=dropped,
-                          pre_skipped_examples=examples)
-    manifest = writer_from_args(args, args.out, source="coco",
-                                arguments=content_arguments(args)).write(source)
-    print_summary(manifest, args.out)
+    write_records(args, args.out, records, options, "coco", pre_skipped=dropped,
+                  pre_skipped_examples=examples)
     return 0
 

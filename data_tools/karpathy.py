@@ -9,10 +9,8 @@ from pathlib import Path
 
 from data_tools.errors import DataError
 from data_tools.images import add_image_arguments, options_from_args
-from data_tools.shards import (add_writer_arguments, content_arguments, ensure_writable_dir,
-                               writer_from_args)
-from data_tools.sources import (Record, RecordSource, existing_dir, load_json,
-                                print_summary, require)
+from data_tools.shards import add_writer_arguments, content_arguments, ensure_writable_dir
+from data_tools.sources import Record, existing_dir, load_json, require, write_records
 
 
 def read_karpathy(path: Path, image_root: Path) -> tuple[str, dict[str, list[Record]]]:
@@ -67,10 +65,8 @@ def run(args: argparse.Namespace) -> int:
         raise DataError(f"{args.annotations} has no split {missing[0]!r} "
                         f"(it has: {', '.join(sorted(splits))})")
     for split in wanted:
-        source = RecordSource(splits[split], options, f"karpathy-{dataset}")
         arguments = {**content_arguments(args), "split": split}
         arguments.pop("splits")  # writing test now and train later is the same train set
-        manifest = writer_from_args(args, args.out / split, source=f"karpathy-{dataset}",
-                                    arguments=arguments).write(source)
-        print_summary(manifest, args.out / split)
+        write_records(args, args.out / split, splits[split], options, f"karpathy-{dataset}",
+                      arguments=arguments)
     return 0

@@ -33,8 +33,8 @@ from data_tools.captions import clean_caption
 from data_tools.errors import DataError, Skip
 from data_tools.images import DEFAULT_MAX_PIXELS, add_image_arguments, options_from_args
 from data_tools.shards import (MANIFEST_NAME, MAX_EXAMPLES_PER_REASON, SIZES_NAME, ShardRecord,
-                               atomic_write_text, ensure_writable_dir, sha256_file,
-                               write_manifest, write_sizes)
+                               atomic_write_text, content_arguments, ensure_writable_dir,
+                               sha256_file, write_manifest, write_sizes)
 
 INPUT_FORMATS = ("parquet", "csv", "tsv", "jsonl")
 PLAN_NAME = ".laion-plan"  # not *.json: img2dataset reads every *.json name as a shard id
@@ -540,8 +540,7 @@ def options_from_cli(args: argparse.Namespace) -> tuple[Filters, DownloadOptions
 
 def run(args: argparse.Namespace) -> int:
     filters, options = options_from_cli(args)
-    arguments = {k: (str(v.resolve()) if isinstance(v, Path) else v)
-                 for k, v in vars(args).items() if k not in ("func", "command")}
+    arguments = content_arguments(args)  # what defines the content: not workers, out, ...
     manifest = convert(args.metadata, args.out, url_col=args.url_col,
                        caption_col=args.caption_col, input_format=args.input_format,
                        filters=filters, options=options, overwrite=args.overwrite,

@@ -12,9 +12,9 @@ from pathlib import Path
 
 from data_tools.errors import DataError
 from data_tools.images import add_image_arguments, options_from_args
-from data_tools.shards import (add_writer_arguments, atomic_write_text, content_arguments,
-                               ensure_writable_dir, write_label_files, writer_from_args)
-from data_tools.sources import Record, RecordSource, existing_dir, print_summary
+from data_tools.shards import (add_writer_arguments, atomic_write_text, ensure_writable_dir,
+                               write_label_files)
+from data_tools.sources import Record, existing_dir, write_records
 
 TABLE_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".parquet": "parquet"}
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -124,10 +124,7 @@ def run_csv(args: argparse.Namespace) -> int:
     root = existing_dir(args.image_root or args.table.parent, "--image-root")
     records = read_table(args.table, args.image_column, args.caption_column, root,
                          args.format, args.id_column)
-    source = RecordSource(records, options, "csv")
-    manifest = writer_from_args(args, args.out, source="csv",
-                                arguments=content_arguments(args)).write(source)
-    print_summary(manifest, args.out)
+    write_records(args, args.out, records, options, "csv")
     return 0
 
 
@@ -194,15 +191,13 @@ def run_folder(args: argparse.Namespace) -> int:
     root = existing_dir(args.root, "image folder")
     out = ensure_writable_dir(args.out / args.split)
     classes, records, dropped, examples = read_image_folder(root)
-    source = RecordSource(records, options, "folder", require_caption=False,
-                          pre_skipped=dropped, pre_skipped_examples=examples)
-    manifest = writer_from_args(args, out, source="folder", arguments=content_arguments(args)
-                                ).write(source, extra_manifest={"classes": len(classes)})
+    manifest = write_records(args, out, records, options, "folder",
+                             extra_manifest={"classes": len(classes)}, require_caption=False,
+                             pre_skipped=dropped, pre_skipped_examples=examples)
     classnames = [_display_name(c) for c in classes]
     for folder in (args.out, out):
         write_label_files(folder, classnames, templates)
     link_clip_benchmark_names(out, [s["name"] for s in manifest["shards"]])
-    print_summary(manifest, out)
     return 0
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from data_tools.captions import clean_captions
 from data_tools.errors import DataError, Skip
 from data_tools.images import ImageOptions, prepare_image_file
+from data_tools.shards import content_arguments, writer_from_args
 
 
 @dataclass(frozen=True)
@@ -114,3 +115,16 @@ def print_summary(manifest: dict, out: Path) -> None:
     skipped = ", ".join(f"{k} {v}" for k, v in manifest["skipped"].items()) or "none"
     print(f"{manifest['written']} samples in {len(manifest['shards'])} shards -> {out} "
           f"(skipped: {skipped})")
+
+
+def write_records(args, out: Path, records: list, options: ImageOptions, source: str, *,
+                  arguments: dict | None = None, extra_manifest: dict | None = None,
+                  **source_options) -> dict:
+    """What every file converter ends with: its records -> a shard set in `out` (ShardSetWriter,
+    options from the command line) -> the summary line. Returns the manifest."""
+    manifest = writer_from_args(
+        args, out, source=source,
+        arguments=content_arguments(args) if arguments is None else arguments,
+    ).write(RecordSource(records, options, source, **source_options), extra_manifest)
+    print_summary(manifest, out)
+    return manifest
