@@ -312,10 +312,10 @@ def export_open_clip(model_or_state_dict: nn.Module | dict[str, torch.Tensor],
     from safetensors.torch import save_file
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out_dir / EXPORT_WEIGHTS_FILE, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
-    _write_atomic(out_dir / f"{Path(name).name}.json",
+    write_atomic(out_dir / EXPORT_WEIGHTS_FILE, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    write_atomic(out_dir / f"{Path(name).name}.json",
                   lambda p: p.write_text(json.dumps(model_cfg, indent=2) + "\n"))
-    _write_atomic(out_dir / EXPORT_CONFIG_FILE,
+    write_atomic(out_dir / EXPORT_CONFIG_FILE,
                   lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
     return out_dir
 
@@ -325,7 +325,8 @@ def _default_preprocess(name: str) -> dict:
         return dict(open_clip.get_model_preprocess_cfg(open_clip.create_model(name, device="meta")))
 
 
-def _write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
+def write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
+    """`write(tmp)` then rename over `path`: a reader never sees a half-written file."""
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
     os.replace(tmp, path)

@@ -83,3 +83,11 @@ def test_two_stage_chain_survives_a_kill_and_skips_done_stages(tmp_path):
     third = subprocess.run(_driver(root, shards, teacher), capture_output=True, text=True,
                            env=env, timeout=300)
     assert third.returncode == 0 and "stage small: done, skipped" in third.stdout + third.stderr
+
+
+def test_a_failing_training_stage_is_one_line_and_exit_1(tmp_path, capsys):
+    failing = f"launcher=['{sys.executable}','-c','raise SystemExit(3)']"
+    assert main(["--config", RECIPE, "data=x", f"run_root={tmp_path}",
+                 "stages.0.inherit.source=none", failing]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == "clip-stages: error: stage mid: training exited with status 3"

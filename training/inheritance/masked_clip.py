@@ -195,14 +195,3 @@ def build_masked_student(name_or_json: str, init_state_dict: str | None, target_
 
     clip, info = models.build_student(name_or_json, init_state_dict)
     return MaskedCLIP(clip, info.model_cfg, target_sparsity, start_sparsity, warmup_steps)
-
-
-def expected_sparsity_report(model: MaskedCLIP) -> dict[str, float]:
-    """Numbers for logs: expected sparsity and the deterministic kept fraction per gate group."""
-    with torch.no_grad():
-        report = {"expected_sparsity": float(model.expected_sparsity())}
-        for tower in TOWERS:
-            for name, gate in model.gates[tower].named_children():
-                report[f"{tower}.{name}.kept"] = float((gate.deterministic() > 0).float().mean())
-    return report
-

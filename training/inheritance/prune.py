@@ -29,11 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import models
 from .manual import InheritancePlan, apply_plan
 from .masked_clip import TOWERS, MaskedCLIP, _blocks
 
 PRUNED_CONFIG = "pruned_config.json"
-WEIGHTS = "open_clip_model.safetensors"
 MODES = ("per_layer", "uniform")
 
 
@@ -228,8 +228,6 @@ def save_pruned(model: nn.Module, shape: PrunedShape, out_dir: str | Path, name:
     Per-layer shapes: pruned_config.json + weights (load_pruned)."""
     from safetensors.torch import save_file
 
-    from .. import models
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if _is_uniform(shape):
@@ -237,9 +235,11 @@ def save_pruned(model: nn.Module, shape: PrunedShape, out_dir: str | Path, name:
         config_file.write_text(json.dumps(shape.model_cfg, indent=2) + "\n")
         return models.export_open_clip(model, config_file, out_dir, preprocess_cfg)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out_dir / (WEIGHTS + ".tmp")), metadata={"format": "pt"})
-    (out_dir / (WEIGHTS + ".tmp")).replace(out_dir / WEIGHTS)
-    (out_dir / PRUNED_CONFIG).write_text(json.dumps(shape.to_json(), indent=2) + "\n")
+    # Weights first, config last and both atomically: the config is what marks the export done.
+    models.write_atomic(out_dir / models.EXPORT_WEIGHTS_FILE,
+                        lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    models.write_atomic(out_dir / PRUNED_CONFIG,
+                        lambda p: p.write_text(json.dumps(shape.to_json(), indent=2) + "\n"))
     return out_dir
 
 
@@ -258,7 +258,7 @@ def load_pruned(out_dir: str | Path) -> nn.Module:
         raise ValueError(f"{out_dir}: no {PRUNED_CONFIG}")
     data = json.loads((out_dir / PRUNED_CONFIG).read_text())
     model = build_pruned_model(PrunedShape(**data))
-    model.load_state_dict(load_file(str(out_dir / WEIGHTS)), strict=True)
+    model.load_state_dict(load_file(str(out_dir / models.EXPORT_WEIGHTS_FILE)), strict=True)
     return model
 
 
@@ -273,7 +273,6 @@ def export_pruned_student(state: dict[str, torch.Tensor], student: str, mask: di
     """
     import hashlib
 
-    from .. import models
     from .masked_clip import build_masked_student
 
     masked = build_masked_student(student, None, mask["target_sparsity"],

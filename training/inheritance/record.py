@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from training.models import write_atomic
+
 RECORD_FILE = "inheritance.json"
 WEIGHTS_FILE = "student.safetensors"
 RECORD_FORMAT = 1
@@ -67,12 +69,6 @@ def is_up_to_date(out_dir: str | os.PathLike, inputs: dict) -> bool:
             and record.get("weights", {}).get("sha256") == file_sha256(weights))
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def write_checkpoint(out_dir: str | os.PathLike, state: dict[str, torch.Tensor], inputs: dict,
                      details: dict) -> Path:
     """Write weights then record; returns the weights path. `details` joins the record as is."""
@@ -82,7 +78,7 @@ def write_checkpoint(out_dir: str | os.PathLike, state: dict[str, torch.Tensor],
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / WEIGHTS_FILE
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    _write_atomic(weights, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    write_atomic(weights, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
     record = {
         "format": RECORD_FORMAT,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -92,12 +88,5 @@ def write_checkpoint(out_dir: str | os.PathLike, state: dict[str, torch.Tensor],
                     "tensors": len(state), "numel": sum(v.numel() for v in state.values())},
         **details,
     }
-    _write_atomic(out_dir / RECORD_FILE, lambda p: p.write_text(json.dumps(record, indent=1) + "\n"))
+    write_atomic(out_dir / RECORD_FILE, lambda p: p.write_text(json.dumps(record, indent=1) + "\n"))
     return weights
-
-
-def read_record(out_dir: str | os.PathLike) -> dict:
-    path = Path(out_dir) / RECORD_FILE
-    if not path.is_file():
-        raise ValueError(f"no inheritance record {path}")
-    return json.loads(path.read_text())

@@ -74,6 +74,10 @@ class StagesConfig:
     stages: List[Stage] = field(default_factory=list)
 
 
+class StageFailed(RuntimeError):
+    """A stage's training process exited non-zero."""
+
+
 def load_stages(path: str, overrides: list[str] = ()) -> StagesConfig:
     """YAML + key=value overrides -> a checked StagesConfig; ValueError in one line otherwise."""
     if not os.path.isfile(path):
@@ -202,7 +206,7 @@ def run_stages(cfg: StagesConfig) -> bool:
         log.info(f"stage {stage.name}: train: {' '.join(command)}")
         status = _run_forwarding_signals(command)
         if status != 0:
-            raise RuntimeError(f"stage {stage.name}: training exited with status {status}")
+            raise StageFailed(f"stage {stage.name}: training exited with status {status}")
         if not is_done(run_dir):
             log.info(f"stage {stage.name}: stopped before the end (preempted); rerun to resume")
             return False
@@ -224,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"clip-stages: error: {err}", file=sys.stderr)
         return 2
-    except RuntimeError as err:
+    except StageFailed as err:  # any other error is a bug: keep its traceback
         print(f"clip-stages: error: {err}", file=sys.stderr)
         return 1
     return 0
