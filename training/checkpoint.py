@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from training.distributed import barrier, rank_and_world
+
 LATEST = "latest"
 _TAG_RE = re.compile(r"^step-(\d+)$")
 
@@ -69,11 +71,6 @@ def _all_rng_states() -> list:
     return states
 
 
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def write_latest(checkpoint_dir: str, tag: str) -> None:
     """Point `latest` at `tag`: temporary file, fsync, atomic rename."""
     path = os.path.join(checkpoint_dir, LATEST)
@@ -108,11 +105,11 @@ class CheckpointManager:
         client_state = {"train_state": vars(state).copy(), "rng": _all_rng_states(),
                         "config": config}
         engine.save_checkpoint(self.dir, tag=tag, client_state=client_state, save_latest=False)
-        _barrier()  # every rank's shards are on disk before `latest` moves
+        barrier()  # every rank's shards are on disk before `latest` moves
         if self.rank == 0:
             write_latest(self.dir, tag)
             self._rotate(newest=tag)
-        _barrier()
+        barrier()
         return os.path.join(self.dir, tag)
 
     def _rotate(self, newest: str) -> None:
@@ -144,8 +141,8 @@ class CheckpointManager:
         if path is None or client_state is None:
             raise FileNotFoundError(f"{tag_dir}: not a loadable DeepSpeed checkpoint")
         rngs = client_state["rng"]
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        if len(rngs) == (dist.get_world_size() if dist.is_initialized() else 1):
+        rank, world = rank_and_world()
+        if len(rngs) == world:
             set_rng_state(rngs[rank])  # a different world size keeps fresh per-rank RNGs
         return TrainState(**client_state["train_state"]), client_state["config"]
 

@@ -214,7 +214,3 @@ def barrier() -> None:
     if is_distributed():
         dist.barrier()
 
-
-def destroy_distributed() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()

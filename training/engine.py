@@ -31,9 +31,6 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
         "steps_per_print": 10**9,  # our metrics.py logs; keep DeepSpeed's own log quiet
         "wall_clock_breakdown": False,
     }
-    if ds.zero_stage == 3:
-        # Gather the 16-bit weights at save time so an export needs no consolidation pass.
-        config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
     return config
 
 

@@ -212,6 +212,7 @@ class Trainer:
     def train_step(self, micro_batches: list[dict]) -> dict[str, torch.Tensor]:
         """One optimizer step over the micro-batches; the gradient is the full batch's."""
         lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
+        micro_batches = [self.to_device(mb) for mb in micro_batches]  # once, not per pass
         teacher = self.teacher_outputs(micro_batches)
         cached, extra = None, {}
         if len(micro_batches) > 1:
@@ -243,15 +244,23 @@ class Trainer:
             return torch.tensor(float(fixed))
         return outputs["logit_scale"].detach().reshape(())
 
+    def to_device(self, batch: dict) -> dict:
+        """The batch's tensors on this rank's device; a teacher view that is the student's own
+        tensor (same preprocessing) stays one tensor, moved once."""
+        moved = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
+                 for k, v in batch.items()}
+        if batch.get("teacher_image") is batch["image"]:
+            moved["teacher_image"] = moved["image"]
+        return moved
+
     def student_outputs(self, batch: dict) -> dict:
-        return models.encode(self.engine, batch["image"].to(self.device, non_blocking=True),
-                             batch["text"].to(self.device, non_blocking=True))
+        return models.encode(self.engine, batch["image"], batch["text"])
 
     @torch.no_grad()
     def teacher_outputs(self, micro_batches: list[dict]) -> Optional[dict]:
         if self.teacher is None:
             return None
-        outputs = [models.encode(self.teacher, mb["teacher_image"].to(self.device),
+        outputs = [models.encode(self.teacher, mb["teacher_image"],
                                  self.teacher_tokens(mb).to(self.device)) for mb in micro_batches]
         return concat_outputs(outputs)
 

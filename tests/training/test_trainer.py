@@ -97,6 +97,9 @@ def test_checkpoints_rotated_and_done_written_last(run):
         "step-00000003", f"step-{STEPS:08d}"]
     done = json.loads((run_dir / "done.json").read_text())
     assert done["step"] == STEPS and done["samples_seen"] == STEPS * 8
+    done_at = (run_dir / "done.json").stat().st_mtime_ns  # the completion marker comes last
+    assert done_at >= (checkpoints / "latest").stat().st_mtime_ns
+    assert done_at >= (run_dir / "export" / "open_clip_model.safetensors").stat().st_mtime_ns
     state = torch.load(checkpoints / f"step-{STEPS:08d}" / "mp_rank_00_model_states.pt",
                        weights_only=False)
     assert state["train_state"]["step"] == STEPS

@@ -32,13 +32,11 @@ def default_tokenizer(model: torch.nn.Module) -> Callable:
     return open_clip.SimpleTokenizer(context_length=context)
 
 
-def _features(model, path, *, transform, tokenizer, device, precision, batch_size, workers,
-              rank, world_size, max_samples) -> tuple[EvalFeatures, object]:
-    eval_set = open_eval_set(path)
+def _features(model, eval_set, *, transform, tokenizer, device, precision, batch_size, workers,
+              rank, world_size, max_samples) -> EvalFeatures:
     loader = build_eval_loader(eval_set, transform, batch_size, workers, rank, world_size,
                                max_samples)
-    features = encode_loader(model, loader, device, precision, tokenizer, rank, world_size)
-    return features, eval_set
+    return encode_loader(model, loader, device, precision, tokenizer, rank, world_size)
 
 
 def run_zeroshot(model, path, *, tokenizer, transform, device="cpu", precision="fp32",
@@ -50,9 +48,9 @@ def run_zeroshot(model, path, *, tokenizer, transform, device="cpu", precision="
     prompts = resolve_templates(templates, eval_set.templates)
     classifier = build_classifier(model, tokenizer, names, prompts, device, precision,
                                   rank, world_size)
-    features, _ = _features(model, path, transform=transform, tokenizer=None, device=device,
-                            precision=precision, batch_size=batch_size, workers=workers,
-                            rank=rank, world_size=world_size, max_samples=max_samples)
+    features = _features(model, eval_set, transform=transform, tokenizer=None, device=device,
+                         precision=precision, batch_size=batch_size, workers=workers,
+                         rank=rank, world_size=world_size, max_samples=max_samples)
     metrics = zeroshot_metrics(features.image_features, features.labels, classifier)
     metrics["num_templates"] = len(prompts)
     return {**metrics, **{f"skipped/{k}": v for k, v in features.skipped.items()}}
@@ -61,9 +59,10 @@ def run_zeroshot(model, path, *, tokenizer, transform, device="cpu", precision="
 def run_retrieval(model, path, *, tokenizer, transform, device="cpu", precision="fp32",
                   batch_size=64, workers=0, rank=0, world_size=1, max_samples=None) -> dict:
     """i2t / t2i R@1/5/10, median and mean rank on a captioned set (all captions per image)."""
-    features, _ = _features(model, path, transform=transform, tokenizer=tokenizer, device=device,
-                            precision=precision, batch_size=batch_size, workers=workers,
-                            rank=rank, world_size=world_size, max_samples=max_samples)
+    features = _features(model, open_eval_set(path), transform=transform, tokenizer=tokenizer,
+                         device=device, precision=precision, batch_size=batch_size,
+                         workers=workers, rank=rank, world_size=world_size,
+                         max_samples=max_samples)
     metrics = retrieval_metrics(features.image_features, features.text_features,
                                 features.text_to_image)
     return {**metrics, **{f"skipped/{k}": v for k, v in features.skipped.items()}}
