@@ -29,7 +29,7 @@ import open_clip  # noqa: E402
 import open_clip_train.data as openclip_data  # noqa: E402
 
 from tests.helpers.shards import make_synthetic_shards  # noqa: E402
-from training.data import build_train_loader  # noqa: E402
+from training.data import DataConfig, build_train_loader  # noqa: E402
 
 # open_clip_train expects webdataset <= 0.2.86: no end-of-shard marker (open_clip issue #935).
 openclip_data.tar_file_expander = functools.partial(openclip_data.tar_file_expander, eof_value=None)
@@ -44,9 +44,9 @@ def rate(loader) -> float:
 
 def ours(shards: dict, args, tokenizer) -> float:
     preprocess = {"size": args.crop, "mean": open_clip.OPENAI_DATASET_MEAN, "std": open_clip.OPENAI_DATASET_STD}
-    cfg = dict(train=shards["train_shards"], batch_size=args.batch_size, workers=args.workers,
-               shuffle_buffer=1000, seed=0)
-    return rate(build_train_loader(cfg, student_preprocess=preprocess, teacher_preprocess=preprocess,
+    cfg = DataConfig(train=shards["train_shards"], batch_size=args.batch_size,
+                     workers=args.workers, shuffle_buffer=1000)
+    return rate(build_train_loader(cfg, seed=0, student_preprocess=preprocess, teacher_preprocess=preprocess,
                                    tokenizer=tokenizer, rank=0, world_size=1, epoch=0))
 
 

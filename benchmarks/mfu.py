@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training import models  # noqa: E402
-from training.data.loader import build_train_loader  # noqa: E402
+from training.data import DataConfig, build_train_loader  # noqa: E402
 from training.evaluation.cost import count_flops  # noqa: E402
 from training.evaluation.features import autocast  # noqa: E402
 from training.losses import DistillationLoss  # noqa: E402
@@ -86,16 +86,18 @@ class Step:
 
     def __init__(self, case: Case, batch: int, device: torch.device, precision: str, data_dir: Path):
         self.device, self.precision = device, precision
-        self.student, s_info = models.build_student(case.student, device=device)
-        self.teacher, t_info = models.build_teacher(case.teacher, device=device)
+        self.student, s_info = build_student(case.student, device=device)
+        self.teacher, t_info = build_teacher(case.teacher, device=device)
         self.loss = DistillationLoss(affinity_weight=1.0, fixed_logit_scale=50.0)
         self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=1e-4, weight_decay=0.2)
         size = max(max(_pair(s_info.image_size)), max(_pair(t_info.image_size)))
         shards = self._shards(data_dir, size, batch)
+        same_ids = s_info.tokenizer.same_ids_as(t_info.tokenizer)
         loader = build_train_loader(
-            {"train": shards, "batch_size": batch, "workers": 0, "shuffle_buffer": 0},
+            DataConfig(train=shards, batch_size=batch, workers=0, shuffle_buffer=0), seed=0,
             student_preprocess=s_info.preprocess_cfg, teacher_preprocess=t_info.preprocess_cfg,
-            tokenizer=models_tokenizer(case.student, s_info), rank=0, world_size=1, epoch=0)
+            tokenizer=s_info.tokenizer, teacher_tokenizer=None if same_ids else t_info.tokenizer,
+            rank=0, world_size=1, epoch=0)
         self.batches = iter(_forever(loader))
         self.student_params = sum(p.numel() for p in self.student.parameters())
         self.teacher_params = sum(p.numel() for p in self.teacher.parameters())
@@ -117,7 +119,7 @@ class Step:
         """Everything the FLOP counter sees: teacher forward, student forward + loss, backward."""
         with autocast(self.device, self.precision):
             with torch.no_grad():
-                teacher = models.encode(self.teacher, batch["teacher_image"], batch["text"])
+                teacher = models.encode(self.teacher, batch["teacher_image"], batch["teacher_text"])
             student = models.encode(self.student, batch["image"], batch["text"])
         self.loss(student, teacher)["loss"].backward()
 
@@ -134,7 +136,7 @@ class Step:
         t = mark("data", t)
         with autocast(self.device, self.precision):
             with torch.no_grad():
-                teacher = models.encode(self.teacher, batch["teacher_image"], batch["text"])
+                teacher = models.encode(self.teacher, batch["teacher_image"], batch["teacher_text"])
             t = mark("teacher_forward", t)
             student = models.encode(self.student, batch["image"], batch["text"])
             loss = self.loss(student, teacher)["loss"]
@@ -145,12 +147,6 @@ class Step:
         self.optimizer.zero_grad(set_to_none=True)
         mark("optimizer", t)
         return times
-
-
-def models_tokenizer(name: str, info) -> callable:
-    import open_clip
-    return open_clip.get_tokenizer(models.resolve_model_name(name),
-                                   context_length=info.context_length)
 
 
 def _pair(size) -> tuple:

@@ -54,11 +54,11 @@ def fail(err: BaseException) -> int:
 
 
 def export(tag_dir: str, out_dir: str | None) -> int:
-    from training.checkpoint import export_checkpoint
-    tag_dir = os.path.abspath(tag_dir)
-    run_dir = os.path.dirname(os.path.dirname(tag_dir))
-    out_dir = out_dir or os.path.join(run_dir, f"export-{os.path.basename(tag_dir)}")
+    from training.checkpoint_files import find_tag_dir
+    from training.export import export_checkpoint
     try:
+        tag_dir = find_tag_dir(os.path.abspath(tag_dir))
+        out_dir = out_dir or tag_dir.parent.parent / f"export-{tag_dir.name}"
         print(export_checkpoint(tag_dir, out_dir))
     except (FileNotFoundError, ValueError) as err:
         return fail(err)

@@ -7,8 +7,6 @@ fp32/bf16) and GPU (NCCL, bf16/fp16) with no compiled DeepSpeed op.
 """
 from __future__ import annotations
 
-import torch
-
 from training.config import TrainConfig
 from training.optim import build_optimizer, build_scheduler
 
@@ -34,9 +32,9 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
     return config
 
 
-def build_engine(model: torch.nn.Module, cfg: TrainConfig, *, total_steps: int,
-                 world_size: int):
-    """deepspeed.initialize with our AdamW groups and warm-up/cosine schedule.
+def build_engine(task, cfg: TrainConfig, *, total_steps: int, world_size: int):
+    """deepspeed.initialize over the task module (training/task.py) with its AdamW groups and
+    our warm-up/cosine schedule.
 
     Returns (engine, scheduler). The engine steps the scheduler at each optimizer step and saves
     its state in checkpoints.
@@ -44,11 +42,10 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, *, total_steps: int,
     import deepspeed
 
     if cfg.model.grad_checkpointing:
-        model.set_grad_checkpointing(True)  # open_clip's switch for both towers
-    mask_lr = cfg.model.mask.lr if cfg.model.mask is not None else None
-    optimizer = build_optimizer(model, cfg.optim, mask_lr)
+        task.set_grad_checkpointing(True)
+    optimizer = build_optimizer(task, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
     engine, _, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler,
+        model=task, optimizer=optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(cfg, world_size), dist_init_required=False)
     return engine, scheduler

@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from training.config import LossConfig
 from training.distributed import gather_with_grad, rank_and_world
 
-FEATURE_KINDS = ("mse", "cosine")
 
 
 def soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
@@ -62,39 +62,39 @@ class DistillationLoss(nn.Module):
     affinity: TinyCLIP's affinity mimicking: soft-target cross-entropy of the student's
         image->text and text->image logits against softmax of the teacher's, averaged.
     clip: the ground-truth contrastive loss (OpenCLIP's ClipLoss), on the student alone.
-    feature: MSE or cosine distance between student and teacher embeddings, per row; a learned
-        linear projection maps student to teacher width when they differ (its parameters live in
-        this module: put them in the optimizer, e.g. by wrapping student and loss in one module).
+    feature: MSE or cosine distance between student and teacher embeddings, per row. When the
+        widths differ, the task's FeatureProjection head (training/task.py) adds
+        `image_features_projected` / `text_features_projected` to the student's outputs, and this
+        term uses those. The loss itself has no parameters.
     fixed_logit_scale: e.g. 50.0 (TinyCLIP's recipes) for student and teacher in every term;
         None uses the student's learned scale and the teacher's own.
     TinyCLIP's alpha maps to affinity_weight=alpha, clip_weight=1-alpha.
+    The settings' rules are LossConfig.validate's (training/config.py), checked here too.
     """
 
     def __init__(self, affinity_weight: float = 1.0, clip_weight: float = 0.0,
                  feature_weight: float = 0.0, feature_kind: str = "mse",
-                 student_dim: int | None = None, teacher_dim: int | None = None,
                  fixed_logit_scale: float | None = None):
         super().__init__()
-        if feature_kind not in FEATURE_KINDS:
-            raise ValueError(f"loss feature_kind {feature_kind!r}: expected one of {FEATURE_KINDS}")
-        if min(affinity_weight, clip_weight, feature_weight) < 0:
-            raise ValueError("loss weights must be >= 0 (affinity_weight, clip_weight, feature_weight)")
-        if affinity_weight == clip_weight == feature_weight == 0:
-            raise ValueError("loss: all weights are 0 (affinity_weight, clip_weight, feature_weight)")
-        if fixed_logit_scale is not None and fixed_logit_scale <= 0:
-            raise ValueError(f"loss fixed_logit_scale {fixed_logit_scale}: must be > 0 (or None)")
+        self.cfg = LossConfig(affinity_weight=affinity_weight, clip_weight=clip_weight,
+                              feature_weight=feature_weight, feature_kind=feature_kind,
+                              fixed_logit_scale=fixed_logit_scale)
+        self.cfg.validate()
         self.affinity_weight = affinity_weight
         self.clip_weight = clip_weight
         self.feature_weight = feature_weight
         self.feature_kind = feature_kind
         self.fixed_logit_scale = fixed_logit_scale
-        needs_projection = (feature_weight > 0 and student_dim is not None
-                            and teacher_dim is not None and student_dim != teacher_dim)
-        self.projection = nn.Linear(student_dim, teacher_dim, bias=False) if needs_projection else None
+
+    @classmethod
+    def from_config(cls, cfg: LossConfig) -> "DistillationLoss":
+        return cls(affinity_weight=cfg.affinity_weight, clip_weight=cfg.clip_weight,
+                   feature_weight=cfg.feature_weight, feature_kind=cfg.feature_kind,
+                   fixed_logit_scale=cfg.fixed_logit_scale)
 
     @property
     def needs_teacher(self) -> bool:
-        return self.affinity_weight > 0 or self.feature_weight > 0
+        return self.cfg.needs_teacher
 
     def forward(self, student: dict, teacher: dict | None = None) -> dict[str, torch.Tensor]:
         """{"loss": weighted total (with graph)} + each active term unweighted and detached."""
@@ -115,12 +115,21 @@ class DistillationLoss(nn.Module):
             targets = contrastive_targets(*local_and_global_ids(s_img.shape[0], s_img.device))
             terms["clip"] = sum(soft_cross_entropy(s, targets) for s in s_logits) / 2
         if self.feature_weight > 0:
-            terms["feature"] = (self._feature_distance(s_img, teacher["image_features"])
-                                + self._feature_distance(s_txt, teacher["text_features"])) / 2
+            terms["feature"] = sum(
+                self._feature_distance(student.get(f"{kind}_projected", student[kind]).float(),
+                                       teacher[kind]) for kind in ("image_features", "text_features")) / 2
         weights = {"affinity": self.affinity_weight, "clip": self.clip_weight,
                    "feature": self.feature_weight}
         total = sum(weights[name] * value for name, value in terms.items())
         return {"loss": total, **{name: value.detach() for name, value in terms.items()}}
+
+    @torch.no_grad()
+    def scales_used(self, student: dict, teacher: dict | None) -> dict[str, torch.Tensor]:
+        """The logit scales the terms applied (the fixed one, else each model's own), to log."""
+        scales = {"logit_scale": self._scale(student["logit_scale"]).detach().reshape(())}
+        if teacher is not None:
+            scales["teacher_logit_scale"] = torch.as_tensor(self._teacher_scale(teacher)).float()
+        return scales
 
     def _scale(self, logit_scale: torch.Tensor) -> torch.Tensor:
         """The (exponentiated) scale a term uses. A fixed scale still touches the learned one with
@@ -143,11 +152,10 @@ class DistillationLoss(nn.Module):
     def _feature_distance(self, student_features: torch.Tensor, teacher_features: torch.Tensor
                           ) -> torch.Tensor:
         teacher_features = teacher_features.float().detach()
-        if self.projection is not None:
-            student_features = self.projection(student_features.to(self.projection.weight.dtype)).float()
         if student_features.shape != teacher_features.shape:
             raise ValueError(f"loss feature term: student features {tuple(student_features.shape)} vs "
-                             f"teacher {tuple(teacher_features.shape)}; give student_dim and teacher_dim")
+                             f"teacher {tuple(teacher_features.shape)}; a FeatureProjection head "
+                             f"(training/task.py) maps the student to the teacher's width")
         if self.feature_kind == "mse":
             return F.mse_loss(student_features, teacher_features)
         return (1 - F.cosine_similarity(student_features, teacher_features, dim=-1)).mean()

@@ -1,29 +1,31 @@
-"""open_clip models for distillation: configs, student and teacher, state-dict files, export.
+"""The open_clip model library glue: model-config names, state-dict files, the forward, export.
 
-Everything goes through open_clip itself, so whatever open_clip can build (built-in names, our
-JSON configs in configs/models/, `local-dir:` exports) can be a student or a teacher, and what
-we export open_clip loads back strictly.
+Low layer: no training concepts here. What a student or teacher IS (its spec, tokenizer and
+preprocessing) is training/specs.py; building them for a run is training/specs.py's
+build_student / build_teacher.
 
-    model, info = build_student("configs/models/Tiny-ViT-Student.json", init_state_dict=None)
-    teacher, tinfo = build_teacher("ViT-B-32", pretrained="/data/vit_b_32.safetensors", dtype="bf16")
-    out = encode(model, images, info.tokenizer(captions))   # image_features, text_features, logit_scale
+    name = resolve_model_name("configs/models/Tiny-ViT-Student.json")   # registered with open_clip
+    load_strict(model, load_state_dict_file("inherited.safetensors"), "student init")
+    out = encode(model, images, ids)   # image_features, text_features, logit_scale (0-dim)
+    export_open_clip(state_dict, name, "out/")   # open_clip's local-dir: format, strict reload
 """
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+import shutil
 from pathlib import Path
-from typing import Any, Callable
 
 import open_clip
 import torch
 from torch import nn
 
+from training.files import WEIGHT_FILE_SUFFIXES, write_atomic, write_json_atomic
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG_DIR = REPO_ROOT / "configs" / "models"
 REQUIRED_CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
-STATE_DICT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+STATE_DICT_SUFFIXES = WEIGHT_FILE_SUFFIXES
 EXPORT_CONFIG_FILE = "open_clip_config.json"
 EXPORT_WEIGHTS_FILE = "open_clip_model.safetensors"
 
@@ -78,52 +80,7 @@ def _check_config_file(path: Path) -> None:
                          f"(an open_clip config needs {', '.join(REQUIRED_CONFIG_KEYS)})")
 
 
-# --------------------------------------------------------------------------- what a model needs
-
-@dataclass
-class ModelInfo:
-    """What the data pipeline, the loss and the export need to know about a built model."""
-
-    name: str
-    model_cfg: dict
-    preprocess_cfg: dict  # open_clip's: size, mode, mean, std, interpolation, resize_mode, fill
-    tokenizer: Callable[..., torch.Tensor] = field(repr=False)
-    param_counts: dict  # image, text (without token embedding), total
-
-    @property
-    def embed_dim(self) -> int:
-        return int(self.model_cfg["embed_dim"])
-
-    @property
-    def image_size(self) -> int | tuple[int, int]:
-        return self.preprocess_cfg["size"]
-
-    @property
-    def mean(self) -> tuple[float, ...]:
-        return tuple(self.preprocess_cfg["mean"])
-
-    @property
-    def std(self) -> tuple[float, ...]:
-        return tuple(self.preprocess_cfg["std"])
-
-    @property
-    def interpolation(self) -> str:
-        return self.preprocess_cfg["interpolation"]
-
-    @property
-    def context_length(self) -> int:
-        return int(self.model_cfg["text_cfg"].get("context_length", 77))
-
-
-def model_info(model: nn.Module, name: str) -> ModelInfo:
-    return ModelInfo(
-        name=name,
-        model_cfg=open_clip.get_model_config(name),
-        preprocess_cfg=dict(open_clip.get_model_preprocess_cfg(model)),
-        tokenizer=open_clip.get_tokenizer(name),
-        param_counts=tower_param_counts(model),
-    )
-
+# --------------------------------------------------------------------------- sizes
 
 def tower_param_counts(model: nn.Module) -> dict[str, int]:
     """Parameters per tower, as TinyCLIP names its models: the text count leaves out the token
@@ -190,52 +147,6 @@ def fit_state_dict(shapes: dict[str, torch.Size], state: dict[str, torch.Tensor]
     return state
 
 
-# --------------------------------------------------------------------------- builders
-
-def build_student(name_or_json: str | os.PathLike, init_state_dict: str | os.PathLike | None = None,
-                  precision: str = "fp32", device: str | torch.device = "cpu",
-                  **create_kwargs: Any) -> tuple[nn.Module, ModelInfo]:
-    """The trainable student, randomly initialised or from a state-dict file (weight inheritance
-    writes one). `precision` is open_clip's (fp32 for DeepSpeed, which casts itself);
-    `create_kwargs` go to open_clip.create_model (e.g. force_patch_dropout)."""
-    name = resolve_model_name(name_or_json)
-    model = open_clip.create_model(name, precision=precision, device=device, output_dict=True,
-                                   **create_kwargs)
-    if init_state_dict is not None:
-        load_strict(model, load_state_dict_file(init_state_dict), f"student init {init_state_dict}")
-    return model, model_info(model, name)
-
-
-def build_teacher(name_or_json: str | os.PathLike, pretrained: str | os.PathLike | None = None,
-                  dtype: str | torch.dtype = "fp32", device: str | torch.device = "cpu",
-                  ) -> tuple[nn.Module, ModelInfo]:
-    """The frozen teacher: eval mode, no gradients, optionally entirely in bf16/fp16.
-
-    `pretrained` is a local state-dict file or an open_clip tag; tags download from a hub,
-    and when that fails (offline) the error says to pass a local file instead.
-    """
-    name = resolve_model_name(name_or_json)
-    precision = {torch.float32: "fp32", "fp32": "fp32", torch.bfloat16: "pure_bf16",
-                 "bf16": "pure_bf16", torch.float16: "pure_fp16", "fp16": "pure_fp16"}.get(dtype)
-    if precision is None:
-        raise ValueError(f"teacher dtype {dtype!r}: expected fp32, bf16 or fp16")
-    is_file = pretrained is not None and Path(pretrained).suffix in STATE_DICT_SUFFIXES
-    tag = None if (pretrained is None or is_file) else str(pretrained)
-    if tag is not None and tag not in open_clip.list_pretrained_tags_by_model(name):
-        raise ValueError(f"teacher pretrained {tag!r} is neither a state-dict file "
-                         f"({', '.join(STATE_DICT_SUFFIXES)}) nor an open_clip tag of {name}")
-    try:
-        model = open_clip.create_model(name, pretrained=tag, precision=precision, device=device,
-                                       output_dict=True)
-    except RuntimeError as err:
-        raise ValueError(f"teacher {name} pretrained {tag!r} could not be downloaded "
-                         f"({str(err).splitlines()[0][:200]}); pass a local weights file") from None
-    if is_file:
-        load_strict(model, load_state_dict_file(pretrained), f"teacher weights {pretrained}")
-    model.eval().requires_grad_(False)
-    return model, model_info(model, name)
-
-
 # --------------------------------------------------------------------------- forward
 
 def input_dtype(model: nn.Module) -> torch.dtype:
@@ -288,7 +199,8 @@ def reference_shapes(model_name: str) -> dict[str, torch.Size]:
 
 def export_open_clip(model_or_state_dict: nn.Module | dict[str, torch.Tensor],
                      model_name: str | os.PathLike, out_dir: str | os.PathLike,
-                     preprocess_cfg: dict | None = None) -> Path:
+                     preprocess_cfg: dict | None = None, tokenizer_dir: Path | None = None
+                     ) -> Path:
     """Write the student in open_clip's format and return `out_dir`.
 
     Files: open_clip_config.json ({"model_cfg", "preprocess_cfg"}, read by
@@ -296,7 +208,9 @@ def export_open_clip(model_or_state_dict: nn.Module | dict[str, torch.Tensor],
     0-dim logit_scale) and <name>.json (the bare model config, for `add_model_config` +
     `create_model(name, pretrained=out_dir/open_clip_model.safetensors)`). Accepts a module or a
     state dict (e.g. one consolidated from a ZeRO-3 checkpoint); the state dict is checked against
-    the model config before anything is written.
+    the model config before anything is written. A vocabulary file the config names by a path
+    relative to its folder (`text_cfg.tokenizer_kwargs.bpe_path`, resolved in `tokenizer_dir`)
+    is copied beside the config, so the export's tokenizer is the student's.
     """
     name = resolve_model_name(model_name)
     if isinstance(model_or_state_dict, nn.Module):
@@ -313,20 +227,20 @@ def export_open_clip(model_or_state_dict: nn.Module | dict[str, torch.Tensor],
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(out_dir / EXPORT_WEIGHTS_FILE, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
-    write_atomic(out_dir / f"{Path(name).name}.json",
-                  lambda p: p.write_text(json.dumps(model_cfg, indent=2) + "\n"))
-    write_atomic(out_dir / EXPORT_CONFIG_FILE,
-                  lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+    bpe = (model_cfg.get("text_cfg", {}).get("tokenizer_kwargs") or {}).get("bpe_path")
+    if bpe and not os.path.isabs(bpe) and tokenizer_dir is not None:
+        source = Path(tokenizer_dir) / bpe
+        if not (out_dir / bpe).resolve().is_relative_to(out_dir.resolve()):
+            raise ValueError(f"export of {name}: tokenizer_kwargs.bpe_path {bpe!r} leaves the "
+                             f"model's folder")
+        if source.resolve() != (out_dir / bpe).resolve():
+            (out_dir / bpe).parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(out_dir / bpe, lambda p: shutil.copyfile(source, p))
+    write_json_atomic(out_dir / f"{Path(name).name}.json", model_cfg, indent=2)
+    write_json_atomic(out_dir / EXPORT_CONFIG_FILE, config, indent=2)
     return out_dir
 
 
 def _default_preprocess(name: str) -> dict:
     with torch.device("meta"):
         return dict(open_clip.get_model_preprocess_cfg(open_clip.create_model(name, device="meta")))
-
-
-def write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
-    """`write(tmp)` then rename over `path`: a reader never sees a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)

@@ -20,6 +20,13 @@ def model():
 
 
 @pytest.fixture(scope="session")
+def spec():
+    """The spec of `model`: its tokenizer and preprocessing (the one source of both)."""
+    from training.specs import model_spec
+    return model_spec("Tiny-ViT-Student")
+
+
+@pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
     """A real short run: the trainer (plain CLIP, Tiny-ViT-Teacher) on 2 torchrun ranks with
     periodic evaluation every 4 steps and at the end (8 steps); checkpoints, export, metrics."""

@@ -23,9 +23,11 @@ def test_trainer_periodic_eval_on_2_ranks_equals_single_process(trained_run):
     assert run.series["eval/zeroshot/top1"][0] == [4, 8]       # every 4 steps, and at the end
     distributed = {k.removeprefix("eval/"): run.last(k) for k in eval_keys}
 
-    exported = load_for_eval(str(trained_run["run_dir"] / "export")).model
-    single = run_periodic_eval(exported, {"zeroshot": str(trained_run["zeroshot"]),
-                                          "val": str(trained_run["val"]), "batch_size": 64})
+    exported = load_for_eval(str(trained_run["run_dir"] / "export"))
+    single = run_periodic_eval(exported.model, {"zeroshot": str(trained_run["zeroshot"]),
+                                                "val": str(trained_run["val"]), "batch_size": 64},
+                               tokenizer=exported.spec.tokenizer,
+                               preprocess_cfg=exported.spec.preprocess_cfg)
     same_numbers(distributed, single)
     assert len(single) == 13
 

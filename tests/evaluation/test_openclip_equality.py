@@ -13,8 +13,7 @@ from open_clip_train import zero_shot as oc_zero_shot
 from open_clip_train.train import get_clip_metrics
 
 from tests.helpers.evaluation import TEMPLATES as OUR_TEMPLATES
-from training.evaluation.suite import (default_tokenizer, default_transform, run_retrieval,
-                                       run_zeroshot)
+from training.evaluation.suite import eval_transform, run_retrieval, run_zeroshot
 from training.evaluation.zeroshot import build_classifier
 
 
@@ -27,9 +26,9 @@ def peer_samples(folder, *fields):
                 .to_tuple(*fields))
 
 
-def test_classifier_equals_open_clip_build_zero_shot_classifier(model):
+def test_classifier_equals_open_clip_build_zero_shot_classifier(model, spec):
     names = ["red", "green", "blue", "a very long class name with several words"]
-    tokenizer = default_tokenizer(model)
+    tokenizer = spec.tokenizer
     ours = build_classifier(model, tokenizer, names, OUR_TEMPLATES)
     theirs = open_clip.build_zero_shot_classifier(model, tokenizer, names, TEMPLATES,
                                                   num_classes_per_batch=3)
@@ -50,10 +49,10 @@ def _accuracy_numpy2(output, target, topk=(1,)):
 
 
 @pytest.mark.parametrize("batch_size", [5, 64])
-def test_zeroshot_accuracy_equals_open_clip_train_zero_shot_run(model, eval_sets, batch_size,
-                                                                monkeypatch):
+def test_zeroshot_accuracy_equals_open_clip_train_zero_shot_run(model, spec, eval_sets,
+                                                                batch_size, monkeypatch):
     monkeypatch.setattr(oc_zero_shot, "accuracy", _accuracy_numpy2)
-    transform, tokenizer = default_transform(model), default_tokenizer(model)
+    transform, tokenizer = eval_transform(spec.preprocess_cfg), spec.tokenizer
     ours = run_zeroshot(model, eval_sets["zeroshot"], tokenizer=tokenizer, transform=transform,
                         batch_size=batch_size)
 
@@ -71,8 +70,8 @@ def test_zeroshot_accuracy_equals_open_clip_train_zero_shot_run(model, eval_sets
     assert 0 < ours["top5"] < 1          # not a degenerate case
 
 
-def test_retrieval_equals_open_clip_get_clip_metrics(model, eval_sets):
-    transform, tokenizer = default_transform(model), default_tokenizer(model)
+def test_retrieval_equals_open_clip_get_clip_metrics(model, spec, eval_sets):
+    transform, tokenizer = eval_transform(spec.preprocess_cfg), spec.tokenizer
     ours = run_retrieval(model, eval_sets["val1"], tokenizer=tokenizer, transform=transform,
                          batch_size=7)
 
@@ -86,3 +85,23 @@ def test_retrieval_equals_open_clip_get_clip_metrics(model, eval_sets):
     assert ours["num_images"] == ours["num_texts"] == len(samples) == 24
     for key, value in theirs.items():
         assert ours[key] == pytest.approx(float(value), abs=1e-9), key
+
+
+def test_eval_transform_equals_open_clip_preprocess_val(spec):
+    """The spec's preprocess_cfg gives open_clip's own eval transform (create_model_and_transforms),
+    and every key of a non-default config is honoured (open_clip.image_transform with them)."""
+    from PIL import Image
+    rng = torch.Generator().manual_seed(0)
+    image = Image.fromarray(torch.randint(0, 256, (50, 83, 3), generator=rng,
+                                          dtype=torch.uint8).numpy())   # not square: crop matters
+    _, _, preprocess_val = open_clip.create_model_and_transforms("Tiny-ViT-Student")
+    torch.testing.assert_close(eval_transform(spec.preprocess_cfg)(image), preprocess_val(image),
+                               rtol=0, atol=0)
+    other = {"size": 40, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25],
+             "interpolation": "bilinear", "resize_mode": "longest", "fill_color": 7}
+    theirs = open_clip.image_transform(40, is_train=False, mean=(0.5,) * 3, std=(0.25,) * 3,
+                                       interpolation="bilinear", resize_mode="longest",
+                                       fill_color=7)
+    ours = eval_transform(other)(image)
+    torch.testing.assert_close(ours, theirs(image), rtol=0, atol=0)
+    assert not torch.equal(ours, eval_transform({**other, "resize_mode": "shortest"})(image))

@@ -11,7 +11,7 @@ import webdataset as wds
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image
 
-from training.data import build_train_loader
+from training.data import DataConfig, build_train_loader
 
 # What open_clip.get_model_preprocess_cfg gives for configs/models/Tiny-ViT-*.json (64 px).
 TINY_PREPROCESS = {"size": (64, 64), "mode": "RGB", "mean": OPENAI_DATASET_MEAN,
@@ -25,10 +25,12 @@ def tiny_tokenizer():
     return open_clip.get_tokenizer("Tiny-ViT-Student")
 
 
-def train_loader(cfg, **overrides):
-    """build_train_loader for the tiny models: rank 0 of 1, epoch 0, no teacher unless overridden."""
-    kwargs = dict(student_preprocess=TINY_PREPROCESS, teacher_preprocess=None, tokenizer=tiny_tokenizer(),
-                  rank=0, world_size=1, epoch=0)
+def train_loader(cfg: DataConfig, **overrides):
+    """cfg.validate(), then build_train_loader for the tiny models: rank 0 of 1, epoch 0, seed 0,
+    no teacher unless overridden."""
+    cfg.validate()
+    kwargs = dict(seed=0, student_preprocess=TINY_PREPROCESS, teacher_preprocess=None,
+                  tokenizer=tiny_tokenizer(), rank=0, world_size=1, epoch=0)
     return build_train_loader(cfg, **{**kwargs, **overrides})
 
 

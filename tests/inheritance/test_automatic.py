@@ -60,7 +60,7 @@ def test_expected_sparsity_reaches_the_target():
                             lr=0.1, betas=(0.5, 0.9), weight_decay=0)
     history = []
     for step in range(300):
-        loss = m.regularization_losses(step)["lagrangian"]
+        loss = m.regularization(step)["lagrangian"]
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -15,13 +15,14 @@ from tests.helpers.inheritance import model
 from tests.helpers.shards import make_synthetic_shards
 from tests.helpers.trainer import probe_batch, read_metrics, tiny_overrides
 from training import models
-from training.checkpoint import read_latest, student_state_dict
+from training.checkpoint_files import read_latest, read_module_state, read_run_record
+from training.task import DistillationTask
 from training.config import ConfigError, load_config
 from training.inheritance.hard_concrete import HardConcreteGate
 from training.inheritance.masked_clip import build_masked_student
 from training.inheritance.prune import export_pruned_student, load_pruned
 from training.inheritance.stages import load_stages, training_command
-from training.optim import MASK_GROUP, build_optimizer, build_scheduler
+from training.task import TrainingHooks
 
 TINY_MASKED = "configs/tiny-masked.yaml"
 TINY_DISTILL = "configs/tiny-distill.yaml"
@@ -60,12 +61,32 @@ def test_cli_prints_one_line_for_a_bad_mask(tmp_path):
         "('uniform', 'per_layer'), got 'magic'"]
 
 
+def test_masked_student_declares_its_hooks():
+    masked = build_masked_student("Tiny-ViT-Student", None, 0.5, warmup_steps=10, lr=0.3)
+    assert isinstance(masked, TrainingHooks)
+    (group,) = masked.extra_param_groups()
+    assert {k: v for k, v in group.items() if k != "params"} == {
+        "name": "mask", "lr": 0.3, "weight_decay": 0.0, "schedule": "constant"}
+    names = {id(p): n for n, p in masked.named_parameters()}
+    in_group = [names[id(p)] for p in group["params"]]
+    assert sorted(in_group) == sorted(n for n in names.values() if not n.startswith("clip."))
+    assert len(in_group) == 2 * 4 + 1  # 4 gate groups x 2 towers, one multiplier pair
+    assert set(masked.regularization(5)) == {"lagrangian"}
+    metrics = masked.metrics(5)
+    assert set(metrics) == {"mask/expected_sparsity", "mask/target_sparsity", "mask/lambda1",
+                            "mask/lambda2"} and metrics["mask/target_sparsity"] == 0.25
+    assert build_masked_student("Tiny-ViT-Student", None, 0.5).extra_param_groups()[0]["lr"] == 0.05
+
+
 def test_mask_group_has_its_own_constant_rate():
+    from training.optim import build_optimizer, build_scheduler  # the optimizer's side of the hook
+    from training.task import DistillationTask
+
     cfg = load_config(TINY_MASKED, BASE + ["optim.warmup_steps=10", "optim.total_steps=50"])
-    masked = build_masked_student("Tiny-ViT-Student", None, 0.5)
-    optimizer = build_optimizer(masked, cfg.optim, mask_lr=cfg.model.mask.lr)
+    masked = build_masked_student("Tiny-ViT-Student", None, 0.5, lr=cfg.model.mask.lr)
+    optimizer = build_optimizer(DistillationTask(masked), cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps=50)
-    mask_group = next(g for g in optimizer.param_groups if g.get("name") == MASK_GROUP)
+    mask_group = next(g for g in optimizer.param_groups if g.get("name") == "mask")
     names = {id(p): n for n, p in masked.named_parameters()}
     in_group = sorted(names[id(p)].split(".")[0] for p in mask_group["params"])
     assert set(in_group) == {"gates", "constraint"} and mask_group["weight_decay"] == 0.0
@@ -100,7 +121,8 @@ def _train(overrides):
 
 def _masked_from_checkpoint(run_dir):
     tag_dir = os.path.join(run_dir, "checkpoints", read_latest(os.path.join(run_dir, "checkpoints")))
-    state, config = student_state_dict(tag_dir)
+    state = DistillationTask.student_state(read_module_state(tag_dir))
+    config = read_run_record(tag_dir)["config"]
     masked = build_masked_student(config["model"]["student"], None, 0.5)
     models.load_strict(masked, state, tag_dir)
     return masked.eval(), state, config

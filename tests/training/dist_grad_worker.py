@@ -15,7 +15,8 @@ import torch.distributed as dist
 
 from training.distributed import all_reduce_flag, gather_with_grad, init_distributed
 from training.losses import DistillationLoss
-from training.models import build_student, encode, make_deepspeed_safe
+from training.models import encode, make_deepspeed_safe
+from training.specs import build_student
 
 
 def collectives_record(rank: int, world: int) -> dict:

@@ -10,8 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from training.checkpoint import (CheckpointManager, read_latest, rng_state, set_rng_state,
+from training.checkpoint import (CheckpointManager, check_resume, check_total_steps,
+                                 read_latest, resolve_resume, rng_state, set_rng_state,
                                  tag_for_step, write_latest)
+from training.config import ConfigError, DataConfig, ModelConfig, TrainConfig, to_dict
+from training.files import write_json_atomic
 
 
 def make_tags(root, steps):
@@ -29,7 +32,7 @@ def test_latest_is_replaced_atomically(tmp_path, monkeypatch):
     real_replace = os.replace
     monkeypatch.setattr(os, "replace", lambda a, b: (replaced.append((a, b)), real_replace(a, b)))
     write_latest(checkpoints, "step-00000004")
-    assert replaced and replaced[0][1].endswith("/latest") and replaced[0][0] != replaced[0][1]
+    assert replaced and str(replaced[0][1]).endswith("/latest") and replaced[0][0] != replaced[0][1]
     assert read_latest(checkpoints) == "step-00000004"
     assert not [p for p in os.listdir(checkpoints) if ".tmp" in p]
 
@@ -38,16 +41,16 @@ def test_resume_latest_ignores_a_newer_partial_checkpoint(tmp_path):
     make_tags(tmp_path, [2, 4, 6])  # step 6: killed mid-save, latest never moved
     manager = CheckpointManager(str(tmp_path), keep_last=2, rank=0)
     write_latest(manager.dir, "step-00000004")
-    assert manager.resolve("latest") == os.path.join(manager.dir, "step-00000004")
+    assert resolve_resume(str(tmp_path), "latest") == os.path.join(manager.dir, "step-00000004")
 
 
 def test_resume_latest_without_checkpoint_starts_fresh(tmp_path):
-    manager = CheckpointManager(str(tmp_path), keep_last=2, rank=0)
-    assert manager.resolve("latest") is None
+    assert resolve_resume(str(tmp_path), "latest") is None
     make_tags(tmp_path, [2])  # a partial first save: still nothing to resume from
-    assert manager.resolve("latest") is None
-    assert manager.resolve(None) is None
-    assert manager.resolve(str(tmp_path / "checkpoints" / "step-00000002")).endswith("step-00000002")
+    assert resolve_resume(str(tmp_path), "latest") is None
+    assert resolve_resume(str(tmp_path), None) is None
+    tag = str(tmp_path / "checkpoints" / "step-00000002")
+    assert resolve_resume(str(tmp_path), tag).endswith("step-00000002")
 
 
 def test_dangling_latest_is_an_error(tmp_path):
@@ -71,3 +74,50 @@ def test_rng_state_round_trip():
     random.random(), np.random.rand(), torch.rand(1)
     set_rng_state(state)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def saved_run(tmp_path, world_size=1, **changes) -> tuple[str, dict]:
+    """A checkpoint tag folder with the run record a 4-step run on `world_size` ranks writes."""
+    cfg = TrainConfig(run_dir=str(tmp_path), data=DataConfig(train="x.tar"),
+                      model=ModelConfig(student="Tiny-ViT-Student", teacher="Tiny-ViT-Teacher"))
+    cfg.optim.total_steps = 4
+    tag = tmp_path / "checkpoints" / tag_for_step(4)
+    tag.mkdir(parents=True)
+    write_json_atomic(tag / "run.json", {"format": 2, "step": 4, "total_steps": 4,
+                                         "world_size": world_size, "zero_stage": 0,
+                                         "config": to_dict(cfg)})
+    return str(tag), to_dict(cfg)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("deepspeed.zero_stage", 1), ("deepspeed.precision", "bf16"), ("data.batch_size", 16),
+    ("optim.grad_accum_steps", 2), ("data.workers", 2), ("model.student", "Tiny-ViT-Teacher"),
+    ("model.teacher", None), ("seed", 3), ("data.train", "y.tar"),
+])
+def test_resume_refuses_a_changed_setting_in_one_line_naming_it(tmp_path, key, value):
+    tag, config = saved_run(tmp_path)
+    section, _, name = key.rpartition(".")
+    (config[section] if section else config)[name] = value
+    with pytest.raises(ConfigError) as err:
+        check_resume(tag, config, world_size=1)
+    message = str(err.value)
+    assert "\n" not in message and f"{key}=" in message and tag in message
+    assert f"set {key}=" in message  # says what to do
+
+
+def test_resume_refuses_another_world_size_and_accepts_the_same_run(tmp_path):
+    tag, config = saved_run(tmp_path, world_size=2)
+    with pytest.raises(ConfigError, match="written by 2 ranks, this run has 1"):
+        check_resume(tag, config, world_size=1)
+    record = check_resume(tag, config, world_size=2)
+    config["optim"]["total_steps"], config["optim"]["lr"] = 8, 1e-3  # these may change
+    assert check_resume(tag, config, world_size=2)["step"] == record["step"] == 4
+    check_total_steps(record, 8)
+    with pytest.raises(ConfigError, match="optim.total_steps: this run has 3 steps"):
+        check_total_steps(record, 3)
+
+
+def test_resume_refuses_a_checkpoint_without_run_record(tmp_path):
+    make_tags(tmp_path, [2])  # an older format: no run.json
+    with pytest.raises(ValueError, match="no run.json"):
+        check_resume(str(tmp_path / "checkpoints" / tag_for_step(2)), {}, world_size=1)

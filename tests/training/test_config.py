@@ -16,6 +16,7 @@ from training.accumulation import concat_outputs, with_live_micro_batch
 from training.config import ConfigError, TrainConfig, load_config, save_config
 from training.engine import deepspeed_config
 from training.optim import build_optimizer, build_scheduler, warmup_cosine_factor
+from training.task import DistillationTask
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = sorted((REPO / "configs").glob("*.yaml"))
@@ -118,10 +119,10 @@ def test_cli_bad_config_is_one_line_exit_2(minimal_yaml):
 
 def test_param_groups_leave_gains_biases_and_scale_undecayed():
     open_clip.add_model_config(str(REPO / "configs" / "models"))
-    model = open_clip.create_model("Tiny-ViT-Student")
+    model = DistillationTask(open_clip.create_model("Tiny-ViT-Student"))
     optimizer = build_optimizer(model, TrainConfig().optim)
     decay, no_decay = optimizer.param_groups
-    names = {id(p): n for n, p in model.named_parameters()}
+    names = {id(p): n.removeprefix("student.") for n, p in model.named_parameters()}
     decay_names = {names[id(p)] for p in decay["params"]}
     no_decay_names = {names[id(p)] for p in no_decay["params"]}
     assert decay["weight_decay"] == 0.2 and no_decay["weight_decay"] == 0.0

@@ -1,20 +1,30 @@
 """Training loader: exact epochs, resampled epochs, ranks, resume, weights (docs/data-pipeline.md)."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import posixpath
+import re
 from collections import Counter
 
 import pytest
 import torch
 
 import training.data.loader as loader_module
-from tests.helpers.data_pipeline import epoch_keys, train_loader
+from tests.helpers import data_pipeline
+from tests.helpers.data_pipeline import epoch_keys
 from tests.helpers.shards import make_synthetic_shards
-from training.data import DataError
+from training.config_files import ConfigError
+from training.data import DataConfig, DataError
 
 BATCH = 16
+SEED = 3
+
+
+def train_loader(cfg: DataConfig, **overrides):
+    """The tiny-model loader with this file's seed unless given."""
+    return data_pipeline.train_loader(cfg, **{"seed": SEED, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -23,12 +33,12 @@ def shards(tmp_path_factory):
     return make_synthetic_shards(tmp_path_factory.mktemp("synthetic"), train=500, val=64, zeroshot=0)
 
 
-def exact(shards, **overrides) -> dict:
-    defaults = dict(train=shards["train_shards"], batch_size=BATCH, workers=0, shuffle_buffer=50, seed=3)
-    return {**defaults, **overrides}
+def exact(shards, **overrides) -> DataConfig:
+    defaults = dict(train=shards["train_shards"], batch_size=BATCH, workers=0, shuffle_buffer=50)
+    return DataConfig(**{**defaults, **overrides})
 
 
-def resampled(shards, **overrides) -> dict:
+def resampled(shards, **overrides) -> DataConfig:
     return exact(shards, samples_per_epoch=320, resampled=True, **overrides)
 
 
@@ -117,9 +127,9 @@ def test_skipping_the_whole_epoch_yields_nothing(shards):
 def test_resampled_sources_follow_their_weights(shards, tmp_path):
     other = make_synthetic_shards(tmp_path, train=128, val=0, zeroshot=0, seed=1)
     spec = f"{shards['train_shards']}::{other['train_shards']}"
-    cfg = dict(train=spec, train_weights=[3, 1], resampled=True, samples_per_epoch=1200,
-               batch_size=100, workers=0, shuffle_buffer=0, seed=0)
-    urls = [u for batch in train_loader(cfg) for u in batch["url"]]
+    cfg = DataConfig(train=spec, train_weights=[3, 1], resampled=True, samples_per_epoch=1200,
+                     batch_size=100, workers=0, shuffle_buffer=0)
+    urls = [u for batch in train_loader(cfg, seed=0) for u in batch["url"]]
     first = sum(u.startswith(str(shards["train"])) for u in urls) / len(urls)
     assert len(urls) == 1200
     assert abs(first - 0.75) < 0.05  # 4 binomial sd at n=1200
@@ -127,18 +137,45 @@ def test_resampled_sources_follow_their_weights(shards, tmp_path):
 
 @pytest.mark.parametrize("cfg, world_size, message", [
     (dict(workers=2), 8, "need at least world_size x workers = 8 x 2 = 16 shards, found 8"),
-    (dict(train_weights=[1.0]), 1, "data.train_weights: sampling weights need data.resampled=true"),
-    (dict(train_weights=[1.0, 2.0], resampled=True, samples_per_epoch=100), 1, "2 weights for 1 sources"),
-    (dict(batch_size=0), 1, "data.batch_size: invalid value 0"),
     (dict(batch_size=1000), 1, "give no full batch of 1000"),
     (dict(resampled=True, samples_per_epoch=10), 1, "data.samples_per_epoch=10 gives no batch of 16"),
     (dict(train="nosuch://bucket/x-{0..3}.tar"), 1, "data.train: cannot open nosuch:// URLs"),
-    (dict(train="a.tar::"), 1, "data.train: empty source between '::'"),
 ])
 def test_bad_configuration_is_one_clear_error(shards, cfg, world_size, message):
     with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)")) as error:
-        train_loader({**exact(shards), **cfg}, world_size=world_size)
+        train_loader(dataclasses.replace(exact(shards), **cfg), world_size=world_size)
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("cfg, message", [
+    (dict(train_weights=[1.0]), "key data.train_weights: sampling weights need data.resampled=true"),
+    (dict(train_weights=[1.0, 2.0], resampled=True, samples_per_epoch=100),
+     "key data.train_weights: needs one weight per '::' source (1), got 2"),
+    (dict(train_weights=[0.0], resampled=True, samples_per_epoch=100),
+     "key data.train_weights: weights must be positive, got [0.0]"),
+    (dict(batch_size=0), "key data.batch_size: must be an integer >= 1, got 0"),
+    (dict(workers=-1), "key data.workers: must be an integer >= 0, got -1"),
+    (dict(shuffle_buffer=-1), "key data.shuffle_buffer: must be an integer >= 0, got -1"),
+    (dict(corrupt_min_samples=-1), "key data.corrupt_min_samples: must be an integer >= 0, got -1"),
+    (dict(max_corrupt_fraction=1.5), "key data.max_corrupt_fraction: must be in [0, 1], got 1.5"),
+    (dict(samples_per_epoch=0), "key data.samples_per_epoch: must be > 0 or null, got 0"),
+    (dict(resampled=True), "key data.samples_per_epoch: required (> 0) when data.resampled is true"),
+    (dict(train=" "), "key data.train: must be a non-empty shard spec, got ' '"),
+    (dict(train="a.tar::"), "key data.train: empty source between '::'"),
+])
+def test_bad_data_setting_is_one_config_error_before_any_work(shards, cfg, message, monkeypatch):
+    bad = dataclasses.replace(exact(shards), **cfg)
+    with pytest.raises(ConfigError) as error:
+        bad.validate()
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
+    monkeypatch.setattr(loader_module, "parse_sources", lambda *a: pytest.fail("read sources"))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        train_loader(bad)  # the helper validates first, as the trainer does
+
+
+def test_train_is_required():
+    with pytest.raises(ConfigError, match="^key data.train: required value is missing$"):
+        DataConfig().validate()
 
 
 def test_missing_local_shard_is_named(shards, tmp_path):
@@ -147,14 +184,19 @@ def test_missing_local_shard_is_named(shards, tmp_path):
         train_loader(exact(shards, train=spec))
 
 
-def test_seed_argument_replaces_the_config_seed(shards):
-    first = lambda **kw: next(iter(train_loader(exact(shards), **kw)))["key"]
-    assert first(seed=3) == first()  # exact() sets data.seed=3
-    assert first(seed=4) != first()
+def test_seed_argument_seeds_the_stream(shards):
+    first = lambda seed: next(iter(train_loader(exact(shards), seed=seed)))["key"]
+    assert first(3) == first(3)
+    assert first(4) != first(3)
 
 
-def test_config_from_an_omegaconf_section_with_other_keys(shards):
+def test_config_is_the_schema_section_of_a_structured_omegaconf(shards):
     from omegaconf import OmegaConf
-    section = OmegaConf.create({**exact(shards), "val": "ignored", "resampled": True, "samples_per_epoch": None})
-    loader = train_loader(section)
-    assert loader.batches_per_epoch == 500 // BATCH  # resampled without samples_per_epoch: the listed size
+    from omegaconf.errors import ConfigKeyError
+    values = dict(train=shards["train_shards"], batch_size=BATCH, workers=0, resampled=True,
+                  samples_per_epoch=320, train_weights=[2])
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), values))
+    assert isinstance(cfg, DataConfig) and cfg.train_weights == [2.0] and cfg.shuffle_buffer == 1000
+    assert train_loader(cfg).batches_per_epoch == 320 // BATCH  # train_loader validates it
+    with pytest.raises(ConfigKeyError):  # other keys (validation sets, seed, ...) are not data keys
+        OmegaConf.merge(OmegaConf.structured(DataConfig), {**values, "seed": 3})

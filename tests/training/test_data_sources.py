@@ -11,7 +11,7 @@ import torch
 from tests.helpers.data_pipeline import jpeg_bytes, train_loader, write_img2dataset_shard, write_tar
 from tests.helpers.http_server import ImageServer, Route
 from tests.helpers.shards import make_synthetic_shards
-from training.data import CorruptDataError
+from training.data import CorruptDataError, DataConfig
 
 BATCH = 8
 
@@ -23,7 +23,7 @@ def shards(tmp_path_factory):
 
 
 def run(spec: str, **cfg) -> list[dict]:
-    return list(train_loader(dict(dict(train=spec, batch_size=BATCH, workers=0, seed=1), **cfg)))
+    return list(train_loader(DataConfig(**dict(dict(train=spec, batch_size=BATCH, workers=0), **cfg)), seed=1))
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,7 @@ def corrupt_shard(path, count: int = 40) -> dict[str, int]:
 @pytest.mark.parametrize("workers", [0, 1])
 def test_corrupt_samples_are_skipped_and_counted(tmp_path, workers):
     expected = corrupt_shard(tmp_path / "bad-0.tar")
-    loader = train_loader(dict(train=str(tmp_path / "bad-0.tar"), batch_size=BATCH, workers=workers,
+    loader = train_loader(DataConfig(train=str(tmp_path / "bad-0.tar"), batch_size=BATCH, workers=workers,
                                max_corrupt_fraction=0.5, corrupt_min_samples=10, shuffle_buffer=0))
     keys = [k for batch in loader for k in batch["key"]]
     bad = {f"s{i:04d}" for i in range(40) if i % 10 in (3, 6) or i in (8, 9)}
@@ -114,7 +114,7 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path, workers):
 @pytest.mark.parametrize("workers", [0, 1])
 def test_too_many_corrupt_samples_stop_with_a_clear_error(tmp_path, workers):
     corrupt_shard(tmp_path / "bad-0.tar")
-    loader = train_loader(dict(train=str(tmp_path / "bad-0.tar"), batch_size=BATCH, workers=workers,
+    loader = train_loader(DataConfig(train=str(tmp_path / "bad-0.tar"), batch_size=BATCH, workers=workers,
                                max_corrupt_fraction=0.1, corrupt_min_samples=20, shuffle_buffer=0))
     with pytest.raises(CorruptDataError) as error:
         list(loader)
@@ -132,7 +132,7 @@ def test_truncated_shard_is_counted_and_ranks_still_get_their_batches(shards, tm
         cut = member.offset_data + 100 if where == "inside_a_member" else member.offset
     (tmp_path / "shard-000001.tar").write_bytes(good[1].read_bytes()[:cut])
     (tmp_path / "sizes.json").write_text(json.dumps({"shard-000000.tar": 32, "shard-000001.tar": 32}))
-    loader = train_loader(dict(train=f"{tmp_path}/shard-{{000000..000001}}.tar", batch_size=BATCH,
+    loader = train_loader(DataConfig(train=f"{tmp_path}/shard-{{000000..000001}}.tar", batch_size=BATCH,
                                workers=0, shuffle_buffer=0))
     batches = list(loader)
     assert len(batches) == len(loader) == 64 // BATCH
@@ -145,7 +145,7 @@ def test_corrupt_samples_before_the_minimum_still_count(tmp_path):
     samples = [{"__key__": f"s{i:04d}", "jpg": jpeg_bytes(i), **({"txt": "a caption"} if i >= 4 else {})}
                for i in range(40)]
     write_tar(tmp_path / "early-0.tar", samples)
-    loader = train_loader(dict(train=str(tmp_path / "early-0.tar"), batch_size=BATCH, workers=0,
+    loader = train_loader(DataConfig(train=str(tmp_path / "early-0.tar"), batch_size=BATCH, workers=0,
                                max_corrupt_fraction=0.1, corrupt_min_samples=20, shuffle_buffer=0))
     with pytest.raises(CorruptDataError, match=r"4 of 20 samples unusable \(missing_caption=4\)"):
         list(loader)

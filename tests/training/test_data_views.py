@@ -4,13 +4,15 @@ from __future__ import annotations
 import json
 import random
 
+import open_clip
 import pytest
 import torch
 import torchvision.transforms.functional as TF
 import webdataset as wds
 
-from tests.helpers.data_pipeline import TINY_PREPROCESS, train_loader
+from tests.helpers.data_pipeline import TINY_PREPROCESS, tiny_tokenizer, train_loader
 from tests.helpers.shards import make_synthetic_shards
+from training.data import DataConfig
 from training.data.views import CROP_SCALE, crop_box
 
 TEACHER_96 = {"size": 96, "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25), "interpolation": "bicubic"}
@@ -22,8 +24,8 @@ def shards(tmp_path_factory):
 
 
 def first_batch(shards, **kwargs) -> dict:
-    cfg = dict(train=shards["train_shards"], batch_size=8, workers=kwargs.pop("workers", 0), seed=5)
-    return next(iter(train_loader(cfg, **kwargs)))
+    cfg = DataConfig(train=shards["train_shards"], batch_size=8, workers=kwargs.pop("workers", 0))
+    return next(iter(train_loader(cfg, seed=5, **kwargs)))
 
 
 @pytest.mark.parametrize("workers", [0, 1])
@@ -34,7 +36,27 @@ def test_same_preprocess_gives_the_very_same_tensor(shards, workers):
 
 
 def test_no_teacher_gives_no_teacher_view(shards):
-    assert first_batch(shards, teacher_preprocess=None)["teacher_image"] is None
+    batch = first_batch(shards, teacher_preprocess=None)
+    assert batch["teacher_image"] is None and batch["teacher_text"] is batch["text"]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_teacher_tokenizer_gives_the_teacher_its_own_ids(shards, workers):
+    teacher_tokenizer = open_clip.SimpleTokenizer(context_length=16)  # the student's: 32
+    batch = first_batch(shards, teacher_tokenizer=teacher_tokenizer, workers=workers)
+    student_ids, teacher_ids = tiny_tokenizer()(batch["caption"]), teacher_tokenizer(batch["caption"])
+    assert student_ids.shape == (8, 32) and teacher_ids.shape == (8, 16)
+    assert torch.equal(batch["text"], student_ids)
+    assert torch.equal(batch["teacher_text"], teacher_ids)
+    assert len(batch["caption"]) == 8 and all(isinstance(c, str) and c for c in batch["caption"])
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_no_teacher_tokenizer_gives_the_very_same_text_tensor(shards, workers):
+    batch = first_batch(shards, teacher_preprocess=TEACHER_96, workers=workers)
+    assert batch["teacher_text"] is batch["text"]
+    assert torch.equal(batch["text"], tiny_tokenizer()(batch["caption"]))
+    assert batch["teacher_image"] is not batch["image"]  # only the equal view is aliased
 
 
 def test_different_preprocess_derives_both_views_from_one_crop(shards):
@@ -67,10 +89,10 @@ def test_caption_is_drawn_from_the_json_captions_and_seeded(shards):
     for tar in sorted(shards["train"].glob("*.tar")):
         for sample in wds.WebDataset(str(tar), shardshuffle=False):
             captions[sample["__key__"]] = json.loads(sample["json"])["captions"]
-    cfg = dict(train=shards["train_shards"], batch_size=16, workers=0, seed=5)
+    cfg = DataConfig(train=shards["train_shards"], batch_size=16, workers=0)
 
     def chosen(epoch):
-        return {k: c for b in train_loader(cfg, epoch=epoch) for k, c in zip(b["key"], b["caption"])}
+        return {k: c for b in train_loader(cfg, seed=5, epoch=epoch) for k, c in zip(b["key"], b["caption"])}
 
     epoch0, epoch1 = chosen(0), chosen(1)
     assert epoch0 == chosen(0)

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
 from training.losses import DistillationLoss, contrastive_targets, soft_cross_entropy
+from training.task import FeatureProjection
 
 
 def unit_rows(n, d, seed, requires_grad=False):
@@ -98,16 +99,16 @@ def test_fixed_scale_replaces_both_scales_and_keeps_a_zero_gradient_on_the_stude
 
 def test_cosine_feature_term_with_projection_between_different_widths():
     student, teacher = outputs(n=4, d=8, seed=0, requires_grad=True), outputs(n=4, d=12, seed=9)
-    loss_fn = DistillationLoss(affinity_weight=0.0, feature_weight=1.0, feature_kind="cosine",
-                               student_dim=8, teacher_dim=12)
-    assert loss_fn.projection.weight.shape == (12, 8)
-    out = loss_fn(student, teacher)
-    proj = loss_fn.projection.weight.detach()
+    loss_fn = DistillationLoss(affinity_weight=0.0, feature_weight=1.0, feature_kind="cosine")
+    head = FeatureProjection(8, 12)  # the task's head (training/task.py) adds the projections
+    assert head.linear.weight.shape == (12, 8)
+    out = loss_fn({**student, **head(student)}, teacher)
+    proj = head.linear.weight.detach()
     expected = sum((1 - F.cosine_similarity(student[k].detach() @ proj.T, teacher[k], dim=-1)).mean()
                    for k in ("image_features", "text_features")) / 2
     assert torch.allclose(out["feature"], expected, atol=1e-6)
     out["loss"].backward()
-    assert loss_fn.projection.weight.grad.abs().sum() > 0
+    assert head.linear.weight.grad.abs().sum() > 0
 
 
 def test_fp16_and_bf16_inputs_are_computed_in_fp32():
@@ -171,5 +172,5 @@ def test_bad_configuration_and_missing_teacher_are_clear_errors():
         teacher = outputs(seed=3)
         del teacher["logit_scale"]
         DistillationLoss(affinity_weight=1.0)(outputs(), teacher)
-    with pytest.raises(ValueError, match="student_dim and teacher_dim"):
+    with pytest.raises(ValueError, match="a FeatureProjection head"):
         DistillationLoss(affinity_weight=0.0, feature_weight=1.0)(outputs(d=8), outputs(d=12))

@@ -7,8 +7,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from training.models import (DEFAULT_CONFIG_DIR, build_student, build_teacher, encode, export_open_clip,
-                             make_deepspeed_safe, resolve_model_name, tower_param_counts)
+from training.models import (DEFAULT_CONFIG_DIR, encode, export_open_clip, make_deepspeed_safe,
+                             resolve_model_name, tower_param_counts)
+from training.specs import build_student, build_teacher
 
 # Name -> (image tower, text tower without token embedding), in millions, as the names say.
 TINYCLIP_STUDENTS = {
@@ -57,8 +58,9 @@ def test_build_student_from_a_json_file_and_what_info_says(batch):
     assert info.image_size in (64, (64, 64)) and info.interpolation == "bicubic"
     assert info.mean == open_clip.OPENAI_DATASET_MEAN and info.std == open_clip.OPENAI_DATASET_STD
     assert info.tokenizer(["a b c"]).shape == (1, 32)
-    assert info.param_counts["total"] == sum(p.numel() for p in model.parameters())
-    assert info.param_counts["text"] == info.param_counts["total"] - info.param_counts["image"] - 49408 * 64 - 1
+    counts = tower_param_counts(model)
+    assert counts["total"] == sum(p.numel() for p in model.parameters())
+    assert counts["text"] == counts["total"] - counts["image"] - 49408 * 64 - 1
     out = eval_outputs(model, batch)
     assert out["image_features"].shape == (3, 64) and out["logit_scale"].shape == ()
     assert torch.allclose(out["image_features"].norm(dim=-1), torch.ones(3), atol=1e-5)

@@ -5,25 +5,24 @@ Per dataloader worker the stream is
 
     shards (plan.py) -> grouped raw samples -> cheap checks (skip + count) -> seeded shuffle buffer
     -> drop the batches a resumed run already trained on (before decoding) -> decode, caption,
-    paired crop (one seeded RNG per sample position) -> batch -> tokenize
+    paired crop (one seeded RNG per sample position) -> batch -> tokenize (student, teacher)
 
 Everything random is seeded by (seed, epoch, rank, worker) and the sample's position in that
 worker's stream, never by process state, so (seed, epoch, skip_batches) fixes the stream.
 """
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 import random
 from collections import Counter
-from dataclasses import dataclass, fields
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.filters import _shuffle
 
+from .config import DataConfig
 from .plan import EpochPlan, plan_exact, plan_resampled
 from .samples import CorruptDataError, Sample, SampleAccount, check_sample, decode_image, read_shard
 from .sources import DataError, Source, parse_sources
@@ -35,58 +34,20 @@ log = logging.getLogger(__name__)
 MAX_EMPTY_DRAWS = 20
 
 
-@dataclass
-class DataConfig:
-    """The trainer's `data` section, as far as the training loader reads it (docs/data-pipeline.md)."""
-    train: str
-    train_weights: list[float] | None = None
-    resampled: bool = False
-    samples_per_epoch: int | None = None
-    batch_size: int = 32
-    workers: int = 1
-    shuffle_buffer: int = 1000
-    seed: int = 0
-    max_corrupt_fraction: float = 0.01
-    corrupt_min_samples: int = 1000
-
-    @classmethod
-    def from_any(cls, cfg: Any) -> "DataConfig":
-        """From a DataConfig, a dict, an OmegaConf node or any object with these attributes;
-        other keys (validation sets, ...) are ignored."""
-        if isinstance(cfg, cls):
-            return cfg.validated()
-        get = cfg.get if hasattr(cfg, "get") else (lambda key, default=None: getattr(cfg, key, default))
-        values = {f.name: get(f.name, None) for f in fields(cls)}
-        if values["train_weights"] is not None:
-            values["train_weights"] = [float(w) for w in values["train_weights"]]
-        return cls(**{k: v for k, v in values.items() if v is not None}).validated()
-
-    def validated(self) -> "DataConfig":
-        checks = [
-            ("train", isinstance(self.train, str) and bool(self.train.strip())),
-            ("batch_size", isinstance(self.batch_size, int) and self.batch_size >= 1),
-            ("workers", isinstance(self.workers, int) and self.workers >= 0),
-            ("shuffle_buffer", isinstance(self.shuffle_buffer, int) and self.shuffle_buffer >= 0),
-            ("samples_per_epoch", self.samples_per_epoch is None or self.samples_per_epoch >= 1),
-            ("max_corrupt_fraction", 0.0 <= self.max_corrupt_fraction <= 1.0),
-            ("corrupt_min_samples", self.corrupt_min_samples >= 0),
-        ]
-        for key, ok in checks:
-            if not ok:
-                raise DataError(f"data.{key}: invalid value {getattr(self, key)!r}")
-        if self.train_weights is not None and not self.resampled:
-            raise DataError("data.train_weights: sampling weights need data.resampled=true "
-                            "(exact epochs read every sample once)")
-        return self
+# Batch keys that may be the very same object as another key's value: (key, same as). A worker
+# leaves such a key out of its batch when it would equal the other one; TrainLoader puts it back.
+ALIASED_KEYS = (("teacher_image", "image"), ("teacher_text", "text"))
 
 
 class _TrainStream(IterableDataset):
     """One rank's batches for one epoch; each dataloader worker produces its share (plan.py)."""
 
     def __init__(self, cfg: DataConfig, sources: list[Source], plan: EpochPlan, views: PairedViews,
-                 tokenizer: Callable, *, rank: int, epoch: int, skip_batches: int):
+                 tokenizer: Callable, teacher_tokenizer: Callable | None, *, seed: int, rank: int,
+                 epoch: int, skip_batches: int):
         self.cfg, self.sources, self.plan, self.views = cfg, sources, plan, views
-        self.tokenizer, self.rank, self.epoch, self.skip_batches = tokenizer, rank, epoch, skip_batches
+        self.tokenizer, self.teacher_tokenizer = tokenizer, teacher_tokenizer
+        self.seed, self.rank, self.epoch, self.skip_batches = seed, rank, epoch, skip_batches
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -103,7 +64,7 @@ class _TrainStream(IterableDataset):
 
     def _batches(self, worker: int) -> Iterator[dict]:
         cfg, plan = self.cfg, self.plan
-        tag = f"{cfg.seed}:{self.epoch}:{self.rank}:{worker}"
+        tag = f"{self.seed}:{self.epoch}:{self.rank}:{worker}"
         account = SampleAccount(cfg.max_corrupt_fraction, cfg.corrupt_min_samples)
         quota = plan.worker_batches(worker)
         skip = plan.worker_batches(worker, before=self.skip_batches)
@@ -211,10 +172,17 @@ class _TrainStream(IterableDataset):
         return sample.key, sample.url, caption, self.views.crop(image, rng)
 
     def _collate(self, items: list[tuple]) -> dict:
+        """The batch without the views that equal another one (ALIASED_KEYS): those travel once."""
         keys, urls, captions, crops = zip(*items)
+        captions = list(captions)
         image, teacher_image = self.views.batch_views(torch.stack(crops))
-        return {"image": image, "teacher_image": teacher_image, "text": self.tokenizer(list(captions)),
-                "key": list(keys), "url": list(urls), "caption": list(captions)}
+        batch = {"image": image, "text": self.tokenizer(captions),
+                 "key": list(keys), "url": list(urls), "caption": captions}
+        if not self.views.shared:
+            batch["teacher_image"] = teacher_image  # None without a teacher
+        if self.teacher_tokenizer is not None:
+            batch["teacher_text"] = self.teacher_tokenizer(captions)
+        return batch
 
 
 _ERRORS = {cls.__name__: cls for cls in (DataError, CorruptDataError)}
@@ -224,7 +192,9 @@ class TrainLoader:
     """Iterable of one rank's batches for one epoch (from `skip_batches` on).
 
     Batches: dict(image [B,3,H,W], teacher_image [B,3,H',W'] | None (the same tensor as image when
-    both preprocessings agree), text [B,ctx] LongTensor, key, url (its shard) and caption list[str]).
+    both preprocessings agree), text [B,ctx] LongTensor, teacher_text [B,ctx'] (the teacher
+    tokenizer's ids; the same tensor as text without a teacher tokenizer), key, url (its shard)
+    and caption list[str]).
     len() is the number of batches iterating yields: batches_per_epoch - skip_batches, equal on
     every rank.
     """
@@ -253,8 +223,10 @@ class TrainLoader:
                 name, message = batch["__error__"]
                 raise _ERRORS.get(name, DataError)(message)
             self._accounts[batch.pop("__worker__")] = batch.pop("__account__")
-            if self.dataset.views.shared and batch["teacher_image"] is not None:
-                batch["teacher_image"] = batch["image"]  # pin_memory copies each value separately
+            # Aliased here, after the worker queue and pin_memory (which copy each value separately).
+            for key, same_as in ALIASED_KEYS:
+                if key not in batch:
+                    batch[key] = batch[same_as]
             self._samples_seen += len(batch["key"])
             delivered += 1
             yield batch
@@ -278,15 +250,17 @@ class TrainLoader:
         }
 
 
-def build_train_loader(cfg: Any, *, student_preprocess: dict, teacher_preprocess: dict | None,
-                       tokenizer: Callable, rank: int, world_size: int, epoch: int,
-                       skip_batches: int = 0, seed: int | None = None) -> TrainLoader:
+def build_train_loader(cfg: DataConfig, *, seed: int, student_preprocess: dict,
+                       teacher_preprocess: dict | None, tokenizer: Callable,
+                       teacher_tokenizer: Callable | None = None, rank: int, world_size: int,
+                       epoch: int, skip_batches: int = 0) -> TrainLoader:
     """The loader of one rank for one epoch; cheap to build (reads only sizes.json files), so the
-    trainer builds one per epoch. `seed`, when given, replaces cfg.seed (e.g. the run's seed).
-    Raises DataError (one line) for bad configuration or sources."""
-    cfg = DataConfig.from_any(cfg)
-    if seed is not None:
-        cfg = dataclasses.replace(cfg, seed=int(seed))
+    trainer builds one per epoch.
+
+    `cfg` as `cfg.validate()` accepted it (not checked again here); `seed` (the run's seed, with
+    the epoch) seeds every random choice. `tokenizer` makes batch["text"]; `teacher_tokenizer`
+    batch["teacher_text"] (None: the very same tensor as batch["text"]). Both run in the loader
+    workers. Raises DataError (one line) for bad sources, shards or arguments."""
     if not 0 <= rank < world_size:
         raise DataError(f"rank {rank} is outside world_size {world_size}")
     if skip_batches < 0:
@@ -298,11 +272,11 @@ def build_train_loader(cfg: Any, *, student_preprocess: dict, teacher_preprocess
                               num_workers=num_workers, samples_per_epoch=cfg.samples_per_epoch)
     else:
         plan = plan_exact(sources, batch_size=cfg.batch_size, rank=rank, world_size=world_size,
-                          num_workers=num_workers, seed=cfg.seed, epoch=epoch,
+                          num_workers=num_workers, seed=seed, epoch=epoch,
                           samples_per_epoch=cfg.samples_per_epoch)
     views = PairedViews(ViewSpec.from_preprocess(student_preprocess, "student_preprocess"),
                         ViewSpec.from_preprocess(teacher_preprocess, "teacher_preprocess")
                         if teacher_preprocess is not None else None)
-    dataset = _TrainStream(cfg, sources, plan, views, tokenizer, rank=rank, epoch=epoch,
-                           skip_batches=skip_batches)
+    dataset = _TrainStream(cfg, sources, plan, views, tokenizer, teacher_tokenizer, seed=seed,
+                           rank=rank, epoch=epoch, skip_batches=skip_batches)
     return TrainLoader(dataset, plan, cfg, skip_batches)

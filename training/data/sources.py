@@ -20,9 +20,10 @@ import braceexpand
 import fsspec
 import webdataset
 
+from .config import SOURCE_SEPARATOR
+
 log = logging.getLogger(__name__)
 
-SOURCE_SEPARATOR = "::"
 HTTP_TIMEOUT_S = 60
 
 
@@ -40,19 +41,12 @@ class Source:
 
 
 def parse_sources(spec: str, weights: Sequence[float] | None = None) -> list[Source]:
-    """Split a spec on `::`, brace-expand each part, and attach the weights (default 1 each)."""
-    if not isinstance(spec, str) or not spec.strip():
-        raise DataError(f"data.train: empty source spec {spec!r}")
+    """Split a spec on `::`, brace-expand each part, and attach the weights (default 1 each).
+
+    `spec` and `weights` as DataConfig.validate accepted them (it owns the rules of data.train and
+    data.train_weights); here: local shards exist, fsspec filesystems are installed."""
     parts = [part.strip() for part in spec.split(SOURCE_SEPARATOR)]
-    if any(not part for part in parts):
-        raise DataError(f"data.train: empty source between '{SOURCE_SEPARATOR}' in {spec!r}")
-    if weights is None:
-        weights = [1.0] * len(parts)
-    weights = [float(w) for w in weights]
-    if len(weights) != len(parts):
-        raise DataError(f"data.train_weights: {len(weights)} weights for {len(parts)} sources in {spec!r}")
-    if any(not w > 0 for w in weights):
-        raise DataError(f"data.train_weights: weights must be positive, got {weights}")
+    weights = [1.0] * len(parts) if weights is None else [float(w) for w in weights]
     sources = [Source(part, tuple(braceexpand.braceexpand(part)), w) for part, w in zip(parts, weights)]
     urls = [url for source in sources for url in source.urls]
     check_local_shards_exist(urls)

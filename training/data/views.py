@@ -3,8 +3,9 @@
 TinyCLIP's train transform is one RandomResizedCrop (scale 0.9-1.0, bicubic) then normalisation.
 Distillation needs teacher and student to see the SAME crop, so the crop is drawn once, at the
 larger of the two input sizes, and each model's view is derived from it: resized (only if its size
-is smaller) and normalised with its own mean/std. When both preprocessings are equal the teacher
-gets the very same tensor (no second decode, no copy).
+is smaller) and normalised with its own mean/std. When both preprocessings are equal (`shared`)
+the teacher view is not computed: the loader gives the teacher the very same tensor (no second
+decode, no copy).
 """
 from __future__ import annotations
 
@@ -77,7 +78,8 @@ def crop_box(width: int, height: int, rng: random.Random,
 
 class PairedViews:
     """Per sample, `crop(image, rng)`: one random crop as uint8 [3,H,W] at the larger input size.
-    Per batch, `batch_views(crops)`: (student view, teacher view or None) as normalised floats.
+    Per batch, `batch_views(crops)`: (student view, teacher view) as normalised floats; the teacher
+    view is None without a teacher and when `shared` (it would equal the student view).
 
     Scaling, resizing and normalising run once per batch on the stacked crops rather than per
     sample: the same arithmetic, far fewer small tensor operations.
@@ -86,7 +88,7 @@ class PairedViews:
     def __init__(self, student: ViewSpec, teacher: ViewSpec | None = None):
         self.student = student
         self.teacher = teacher
-        self.shared = teacher is None or teacher == student
+        self.shared = teacher is not None and teacher == student
         sizes = [student.size] + ([teacher.size] if teacher is not None else [])
         self.crop_size = max(sizes, key=lambda s: s[0] * s[1])
         # The crop is resampled with the interpolation of the model that sees it at full size.
@@ -102,9 +104,9 @@ class PairedViews:
     def batch_views(self, crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         pixels = crops.float().div_(255)
         student = self._view(pixels, self.student)
-        if self.teacher is None:
+        if self.teacher is None or self.shared:
             return student, None
-        return student, student if self.shared else self._view(pixels, self.teacher)
+        return student, self._view(pixels, self.teacher)
 
     def _view(self, pixels: torch.Tensor, spec: ViewSpec) -> torch.Tensor:
         if spec.size != self.crop_size:

@@ -77,8 +77,7 @@ def run_eval(args) -> tuple[dict, int]:
     from training.evaluation.cost import model_cost
     from training.evaluation.features import autocast
     from training.evaluation.loading import load_for_eval
-    from training.evaluation.suite import (default_tokenizer, default_transform, run_retrieval,
-                                           run_zeroshot)
+    from training.evaluation.suite import eval_transform, run_retrieval, run_zeroshot
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     autocast(device, args.precision)  # refuses fp16 on the CPU before the model is built
@@ -86,8 +85,8 @@ def run_eval(args) -> tuple[dict, int]:
     if device == "cuda":
         device = f"cuda:{torch.cuda.current_device()}"
     loaded = load_for_eval(args.checkpoint, args.model, device)
-    common = dict(tokenizer=default_tokenizer(loaded.model),
-                  transform=default_transform(loaded.model), device=device,
+    common = dict(tokenizer=loaded.spec.tokenizer,
+                  transform=eval_transform(loaded.spec.preprocess_cfg), device=device,
                   precision=args.precision, batch_size=args.batch_size, workers=args.workers,
                   rank=rank, world_size=world_size, max_samples=args.max_samples)
     record = {"model": loaded.name, "checkpoint": loaded.source, "precision": args.precision,

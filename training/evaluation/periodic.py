@@ -1,4 +1,5 @@
-"""The trainer's periodic evaluation: `run_periodic_eval(model, eval_cfg, dist_info)`.
+"""The trainer's periodic evaluation:
+`run_periodic_eval(model, eval_cfg, dist_info, *, tokenizer, preprocess_cfg)`.
 
 Arguments
 - model: the student being trained: an open_clip CLIP model or a wrapper holding it as
@@ -13,8 +14,11 @@ Arguments
   "fp16" on GPU), `workers` (loader workers per rank, default 0).
 - dist_info: `training.distributed.DistInfo` (uses `rank`, `world_size`, `device`), or None
   for a single process on the model's device.
-- tokenizer / transform (keyword, optional): default to open_clip's CLIP tokenizer at the
-  model's context length and open_clip's eval transform at the model's image size.
+- tokenizer (keyword, required): the model's own tokenizer, from its spec
+  (`training.specs.model_spec(...).tokenizer`; the trainer passes its student spec's).
+- preprocess_cfg (keyword, required): the model spec's `preprocess_cfg` (open_clip's
+  size / mean / std / interpolation / resize_mode / fill_color); the images go through
+  open_clip's eval transform for it (`suite.eval_transform`).
 
 Collective: every rank must call it. Returns the same dict on every rank:
 `zeroshot/top1`, `zeroshot/top5`, `zeroshot/mean_per_class_recall`,
@@ -24,11 +28,10 @@ MetricsLogger.log_eval writes them to metrics.jsonl as `eval/<key>`.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from training.evaluation.features import full_parameters, unwrap_model
-from training.evaluation.suite import (default_tokenizer, default_transform, run_retrieval,
-                                       run_zeroshot)
+from training.evaluation.suite import eval_transform, run_retrieval, run_zeroshot
 
 REPORTED = ("top1", "top5", "mean_per_class_recall", "image_to_text_R@1", "image_to_text_R@5",
             "image_to_text_R@10", "text_to_image_R@1", "text_to_image_R@5", "text_to_image_R@10",
@@ -42,15 +45,14 @@ def _get(cfg: Any, key: str, default=None):
     return getattr(cfg, key, default)
 
 
-def run_periodic_eval(model, eval_cfg, dist_info=None, *, tokenizer: Callable | None = None,
-                      transform: Callable | None = None) -> dict[str, float]:
+def run_periodic_eval(model, eval_cfg, dist_info=None, *, tokenizer: Callable,
+                      preprocess_cfg: Mapping) -> dict[str, float]:
     """Evaluate on the configured sets; see the module docstring for the arguments."""
     open_clip_model = unwrap_model(model)
     device = next(open_clip_model.parameters()).device
     rank, world_size = (dist_info.rank, dist_info.world_size) if dist_info else (0, 1)
     common = dict(
-        tokenizer=tokenizer or default_tokenizer(open_clip_model),
-        transform=transform or default_transform(open_clip_model),
+        tokenizer=tokenizer, transform=eval_transform(preprocess_cfg),
         device=device, precision=_get(eval_cfg, "precision", "fp32"),
         batch_size=_get(eval_cfg, "batch_size", 64), workers=_get(eval_cfg, "workers", 0),
         rank=rank, world_size=world_size, max_samples=_get(eval_cfg, "max_samples"))

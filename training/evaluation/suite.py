@@ -5,31 +5,25 @@ Every rank calls these functions (collectives inside); every rank gets the same 
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Mapping
 
-import open_clip
-import torch
+from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
 
 from training.evaluation.datasets import build_eval_loader, open_eval_set
-from training.evaluation.features import EvalFeatures, encode_loader, unwrap_model
+from training.evaluation.features import EvalFeatures, encode_loader
 from training.evaluation.retrieval import retrieval_metrics
 from training.evaluation.zeroshot import (build_classifier, resolve_classnames,
                                           resolve_templates, zeroshot_metrics)
 
 
-def default_transform(model: torch.nn.Module) -> Callable:
-    """open_clip's eval transform at the model's image size and normalisation."""
-    visual = unwrap_model(model).visual
-    return open_clip.image_transform(visual.image_size, is_train=False,
-                                     mean=getattr(visual, "image_mean", None),
-                                     std=getattr(visual, "image_std", None))
-
-
-def default_tokenizer(model: torch.nn.Module) -> Callable:
-    """open_clip's CLIP BPE tokenizer at the model's context length (every CLIP-text model)."""
-    model = unwrap_model(model)
-    context = getattr(model, "context_length", None) or 77
-    return open_clip.SimpleTokenizer(context_length=context)
+def eval_transform(preprocess_cfg: Mapping) -> Callable:
+    """open_clip's eval transform for a model spec's `preprocess_cfg` (size, mean, std,
+    interpolation, resize_mode, fill_color; open_clip's defaults for keys left out)."""
+    cfg = merge_preprocess_dict(PreprocessCfg(), dict(preprocess_cfg))
+    for key in ("size", "mean", "std"):  # JSON lists -> the tuples open_clip expects
+        if isinstance(cfg[key], list):
+            cfg[key] = tuple(cfg[key])
+    return image_transform_v2(PreprocessCfg(**cfg), is_train=False)
 
 
 def _features(model, eval_set, *, transform, tokenizer, device, precision, batch_size, workers,

@@ -14,17 +14,16 @@ activation (importance by activation statistics on --batches batches of --data s
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
-import open_clip
 import torch
 
 from .. import models
+from ..specs import build_student, build_teacher, model_spec
 from .importance import activation_scores, weight_norm_scores
 from .manual import DEPTH_RULES, apply_plan, plan_inheritance
 from .record import file_sha256, is_up_to_date, weights_file_of, write_checkpoint
@@ -49,26 +48,17 @@ class InheritRequest:
 
 def _inputs(req: InheritRequest) -> dict:
     """The record's inputs: names resolved to configs and weight files to hashes."""
-    teacher_name = models.resolve_model_name(req.teacher)
-    student_name = models.resolve_model_name(req.student)
     weights = weights_file_of(req.teacher_pretrained) or weights_file_of(req.teacher)
     return {
         "teacher": {"model": req.teacher, "pretrained": req.teacher_pretrained,
-                    "model_cfg": _model_cfg(teacher_name),
+                    "model_cfg": model_spec(req.teacher).model_cfg,
                     "weights_sha256": file_sha256(weights) if weights else None},
-        "student": {"model": req.student, "model_cfg": _model_cfg(student_name)},
+        "student": {"model": req.student, "model_cfg": model_spec(req.student).model_cfg},
         "method": {"depth": req.depth, "width": req.width,
                    "data": req.data if req.width == "activation" else None,
                    "batches": req.batches if req.width == "activation" else None,
                    "batch_size": req.batch_size if req.width == "activation" else None},
     }
-
-
-def _model_cfg(name: str) -> dict | None:
-    """The open_clip model config of a resolved name (an export's from its config file)."""
-    if name.startswith("local-dir:"):
-        return json.loads((Path(name[len("local-dir:"):]) / models.EXPORT_CONFIG_FILE).read_text())["model_cfg"]
-    return open_clip.get_model_config(name)
 
 
 def _check(req: InheritRequest) -> None:
@@ -93,8 +83,9 @@ def _scores(req: InheritRequest, teacher: torch.nn.Module, info) -> dict | None:
         return weight_norm_scores(teacher)
     # The evaluation reader: every sample once, in shard order, unaugmented (what statistics want).
     from ..evaluation.datasets import build_eval_loader, open_eval_set
-    from ..evaluation.suite import default_transform
-    loader = build_eval_loader(open_eval_set(req.data), default_transform(teacher), req.batch_size)
+    from ..evaluation.suite import eval_transform
+    loader = build_eval_loader(open_eval_set(req.data), eval_transform(info.preprocess_cfg),
+                               req.batch_size)
     batches = ((b["image"], info.tokenizer([captions[0] for captions in b["captions"]]))
                for b in islice(loader, req.batches) if b["image"] is not None)
     return activation_scores(teacher, batches)
@@ -108,17 +99,17 @@ def run_inherit(req: InheritRequest) -> Path:
     if is_up_to_date(out, inputs):
         log.info(f"{out}: up to date, nothing to do")
         return out / "student.safetensors"
-    teacher, tinfo = models.build_teacher(req.teacher, req.teacher_pretrained)
-    student, sinfo = models.build_student(req.student)
+    teacher, tinfo = build_teacher(req.teacher, req.teacher_pretrained)
+    student, _ = build_student(req.student)
     plan = plan_inheritance(teacher, student, req.depth,
                             "front" if req.width == "front" else "importance",
                             _scores(req, teacher, tinfo))
     state = apply_plan(teacher.state_dict(), student, plan)
     models.load_strict(student, state, "inherited state")  # every student tensor filled
-    details = {"mapping": plan.to_json(),
-               "param_counts": {"teacher": tinfo.param_counts, "student": sinfo.param_counts}}
-    weights = write_checkpoint(out, state, inputs, details)
-    log.info(f"{weights}: student {sinfo.param_counts} from teacher {tinfo.param_counts}")
+    counts = {"teacher": models.tower_param_counts(teacher),
+              "student": models.tower_param_counts(student)}
+    weights = write_checkpoint(out, state, inputs, {"mapping": plan.to_json(), "param_counts": counts})
+    log.info(f"{weights}: student {counts['student']} from teacher {counts['teacher']}")
     return weights
 
 

@@ -17,10 +17,10 @@ from collections import defaultdict
 from typing import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .axes import HEADS, PLAIN, QKV, head_dims, model_axes
+from .attention import head_outputs
+from .axes import HEADS, QKV, head_dims, model_axes
 
 _NOT_WEIGHTS = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -64,20 +64,15 @@ class _Accumulator:
         return {u: s / self.counts[u] for u, s in self.sums.items()}
 
 
-def _head_outputs(attn: nn.MultiheadAttention, x: torch.Tensor,
+def _head_norms(attn: nn.MultiheadAttention, x: torch.Tensor,
                   mask: torch.Tensor | None) -> torch.Tensor:
     """Each head's contribution to the block output, norms per token: (heads, batch * tokens).
 
-    Recomputes the attention (nn.MultiheadAttention does not expose per-head outputs);
-    assumes batch_first=True, which open_clip's towers use.
+    Recomputes the attention (attention.head_outputs: nn.MultiheadAttention does not expose
+    per-head outputs); assumes batch_first=True, which open_clip's towers use.
     """
-    n, length, width = x.shape
-    heads, hd = attn.num_heads, attn.head_dim
-    q, k, v = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
-    q, k, v = (t.reshape(n, length, heads, hd).transpose(1, 2) for t in (q, k, v))
-    if mask is not None and mask.dtype == torch.bool:
-        mask = torch.zeros_like(mask, dtype=q.dtype).masked_fill(mask, float("-inf"))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (n, heads, length, hd)
+    width, heads, hd = x.shape[-1], attn.num_heads, attn.head_dim
+    out = head_outputs(x, attn.in_proj_weight, attn.in_proj_bias, heads, hd, mask)
     w_out = attn.out_proj.weight.reshape(width, heads, hd)           # columns per head
     contrib = torch.einsum("nhld,whd->hnlw", out, w_out)
     return contrib.norm(dim=-1).reshape(heads, -1)
@@ -94,7 +89,7 @@ def _hook_transformer(model: nn.Module, acc: _Accumulator) -> list:
         def pre_hook(module, args, kwargs, name=name):
             x = args[0]
             mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
-            norms = _head_outputs(module.attn, module.ln_1(x), mask)
+            norms = _head_norms(module.attn, module.ln_1(x), mask)
             acc.add(f"{name}.attn.heads", norms.sum(dim=1), norms.shape[1])
 
         def post_hook(module, args, output, tower=tower):

@@ -13,7 +13,8 @@ gates act where CoFi puts them, in a form that pruning can fold into the weights
 maskedLN normalises over the channels whose hidden gate is non-zero and zeroes the others, as
 a LayerNorm of the pruned (narrower) model would. The wrapped open_clip model keeps its own
 parameters and state-dict keys, so inheritance into it and pruning out of it use the same
-names. `regularization_losses(step)` returns the Lagrangian term the trainer adds to the loss.
+names. As a TrainingHooks (training/task.py) it declares the Lagrangian term the trainer adds to
+the loss (`regularization`), its metrics and the gates' own optimizer group (`extra_param_groups`).
 
 Supported: open_clip CLIP with a VisionTransformer (class-token pooling, no patch dropout, no
 attentional pooler) and the standard text tower. ModifiedResNet students are not supported here.
@@ -24,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..task import TrainingHooks
+from .attention import self_attention
 from .hard_concrete import HardConcreteGate, LagrangianConstraint
 
 TOWERS = ("visual", "text")
@@ -71,17 +74,16 @@ def _check_supported(model: nn.Module) -> None:
                          "without patch dropout or an attentional pooler, text argmax pooling")
 
 
-class MaskedCLIP(nn.Module):
-    """Wraps an open_clip CLIP (`self.clip`, weights untouched) with gates and the constraint."""
+class MaskedCLIP(nn.Module, TrainingHooks):
+    """Wraps an open_clip CLIP (`self.clip`, weights untouched) with gates and the constraint.
 
-    # Parameters the trainer puts in their own optimizer group (training/optim.py).
-    mask_param_prefixes = ("gates.", "constraint.")
+    `lr`: the constant rate of the gates and multipliers (model.mask.lr), their optimizer group."""
 
     def __init__(self, clip: nn.Module, model_cfg: dict, target_sparsity: float,
-                 start_sparsity: float = 0.0, warmup_steps: int = 0):
+                 start_sparsity: float = 0.0, warmup_steps: int = 0, *, lr: float = 0.05):
         super().__init__()
         _check_supported(clip)
-        self.clip, self.model_cfg = clip, model_cfg
+        self.clip, self.model_cfg, self.mask_lr = clip, model_cfg, lr
         self.gates = nn.ModuleDict({t: TowerGates(*_tower_shape(clip, t)) for t in TOWERS})
         self.constraint = LagrangianConstraint(target_sparsity, start_sparsity, warmup_steps)
         self.output_dict = True
@@ -119,31 +121,33 @@ class MaskedCLIP(nn.Module):
     def expected_sparsity(self) -> torch.Tensor:
         return 1.0 - self.expected_params() / self.prunable_params()
 
-    def regularization_losses(self, step: int) -> dict[str, torch.Tensor]:
+    # ---- TrainingHooks -----------------------------------------------------------------------
+    def regularization(self, step: int) -> dict[str, torch.Tensor]:
         """The trainer adds these to the loss: the Lagrangian sparsity constraint."""
         return {"lagrangian": self.constraint(self.expected_sparsity(), step)}
 
     @torch.no_grad()
-    def sparsity_metrics(self, step: int) -> dict[str, torch.Tensor]:
+    def metrics(self, step: int) -> dict[str, torch.Tensor]:
         """What the trainer logs each step: expected and target sparsity, the multipliers."""
         lambdas = self.constraint.lambdas.detach().float()
         return {"mask/expected_sparsity": self.expected_sparsity().detach().float(),
                 "mask/target_sparsity": torch.tensor(self.constraint.target_at(step)),
                 "mask/lambda1": lambdas[0], "mask/lambda2": lambdas[1]}
 
+    def extra_param_groups(self) -> list[dict]:
+        """The gates and the Lagrange multipliers: a constant rate, no weight decay (CoFi and
+        TinyCLIP train them with an optimizer of their own and no schedule: the constraint's
+        target has its own warm-up)."""
+        params = [*self.gates.parameters(), *self.constraint.parameters()]
+        return [{"name": "mask", "params": params, "lr": self.mask_lr, "weight_decay": 0.0,
+                 "schedule": "constant"}]
+
     # ---- forward -----------------------------------------------------------------------------
     def _block(self, block: nn.Module, x: torch.Tensor, keep: torch.Tensor, z: dict,
                i: int, mask: torch.Tensor | None) -> torch.Tensor:
-        attn = block.attn
-        n, length, width = x.shape
-        heads, head_dim = attn.num_heads, attn.head_dim
         branch_gate = z["layers"][i] * z["hidden"]
         h = _masked_layer_norm(block.ln_1, x, keep)
-        q, k, v = F.linear(h, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
-        q, k, v = (t.reshape(n, length, heads, head_dim).transpose(1, 2) for t in (q, k, v))
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        o = (o * z["heads"][i].view(1, heads, 1, 1)).transpose(1, 2).reshape(n, length, width)
-        x = x + branch_gate * F.linear(o, attn.out_proj.weight, attn.out_proj.bias)
+        x = x + branch_gate * self_attention(block.attn, h, mask, head_gate=z["heads"][i])
         h = _masked_layer_norm(block.ln_2, x, keep)
         a = block.mlp.gelu(block.mlp.c_fc(h)) * z["mlp"][i]
         return x + branch_gate * block.mlp.c_proj(a)
@@ -189,9 +193,10 @@ class MaskedCLIP(nn.Module):
 
 
 def build_masked_student(name_or_json: str, init_state_dict: str | None, target_sparsity: float,
-                         start_sparsity: float = 0.0, warmup_steps: int = 0) -> MaskedCLIP:
-    """A MaskedCLIP around a student built by training.models (e.g. from clip-inherit weights)."""
-    from .. import models
+                         start_sparsity: float = 0.0, warmup_steps: int = 0, *,
+                         lr: float = 0.05) -> MaskedCLIP:
+    """A MaskedCLIP around a student built from its spec (e.g. from clip-inherit weights)."""
+    from ..specs import build_student
 
-    clip, info = models.build_student(name_or_json, init_state_dict)
-    return MaskedCLIP(clip, info.model_cfg, target_sparsity, start_sparsity, warmup_steps)
+    clip, spec = build_student(name_or_json, init_state_dict)
+    return MaskedCLIP(clip, spec.model_cfg, target_sparsity, start_sparsity, warmup_steps, lr=lr)

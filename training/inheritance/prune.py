@@ -26,10 +26,11 @@ from pathlib import Path
 
 import open_clip
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import models
+from ..files import write_atomic, write_json_atomic
+from .attention import self_attention
 from .manual import InheritancePlan, apply_plan
 from .masked_clip import TOWERS, MaskedCLIP, _blocks
 
@@ -52,14 +53,7 @@ class PrunedAttention(nn.Module):
         self.out_proj = nn.Linear(heads * head_dim, width)
 
     def forward(self, q_x, k_x=None, v_x=None, need_weights=False, attn_mask=None):
-        n, length, _ = q_x.shape
-        if self.num_heads == 0:
-            return self.out_proj.bias.expand_as(q_x), None
-        q, k, v = F.linear(q_x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
-        q, k, v = (t.reshape(n, length, self.num_heads, self.head_dim).transpose(1, 2)
-                   for t in (q, k, v))
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        return self.out_proj(o.transpose(1, 2).reshape(n, length, -1)), None
+        return self_attention(self, q_x, attn_mask), None
 
 
 @dataclass
@@ -236,10 +230,9 @@ def save_pruned(model: nn.Module, shape: PrunedShape, out_dir: str | Path, name:
         return models.export_open_clip(model, config_file, out_dir, preprocess_cfg)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     # Weights first, config last and both atomically: the config is what marks the export done.
-    models.write_atomic(out_dir / models.EXPORT_WEIGHTS_FILE,
-                        lambda p: save_file(state, str(p), metadata={"format": "pt"}))
-    models.write_atomic(out_dir / PRUNED_CONFIG,
-                        lambda p: p.write_text(json.dumps(shape.to_json(), indent=2) + "\n"))
+    write_atomic(out_dir / models.EXPORT_WEIGHTS_FILE,
+                 lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    write_json_atomic(out_dir / PRUNED_CONFIG, shape.to_json(), indent=2)
     return out_dir
 
 

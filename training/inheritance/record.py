@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from training.models import write_atomic
+from training.files import write_atomic, write_json_atomic
+from training.models import EXPORT_WEIGHTS_FILE
 
 RECORD_FILE = "inheritance.json"
 WEIGHTS_FILE = "student.safetensors"
@@ -42,7 +43,7 @@ def weights_file_of(source: str | None) -> Path | None:
         return None
     if source.startswith("local-dir:"):
         folder = Path(source[len("local-dir:"):])
-        for name in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+        for name in (EXPORT_WEIGHTS_FILE, "open_clip_pytorch_model.bin"):
             if (folder / name).is_file():
                 return folder / name
         return None
@@ -88,5 +89,5 @@ def write_checkpoint(out_dir: str | os.PathLike, state: dict[str, torch.Tensor],
                     "tensors": len(state), "numel": sum(v.numel() for v in state.values())},
         **details,
     }
-    write_atomic(out_dir / RECORD_FILE, lambda p: p.write_text(json.dumps(record, indent=1) + "\n"))
+    write_json_atomic(out_dir / RECORD_FILE, record)
     return weights

@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import List, Optional
 
 from omegaconf import MISSING, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
+from ..config_files import ConfigError, load_structured, load_yaml
 from .cli import WIDTH_CHOICES, InheritRequest, run_inherit
 from .manual import DEPTH_RULES
 
@@ -79,51 +79,37 @@ class StageFailed(RuntimeError):
 
 
 def load_stages(path: str, overrides: list[str] = ()) -> StagesConfig:
-    """YAML + key=value overrides -> a checked StagesConfig; ValueError in one line otherwise."""
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: stage config not found")
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(StagesConfig), OmegaConf.load(path))
-        for item in overrides:  # update() reaches into lists: stages.1.student=...
-            if "=" not in item:
-                raise ValueError(f"override {item!r}: expected key=value")
-            key, value = item.split("=", 1)
-            OmegaConf.update(merged, key, OmegaConf.from_dotlist([f"v={value}"])["v"], merge=True)
-        missing = sorted(OmegaConf.missing_keys(merged))
-        if missing:
-            raise ValueError(f"{path}: key {missing[0]}: required value is missing")
-        cfg = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as err:
-        raise ValueError(f"{path}: key {getattr(err, 'full_key', '?')}: "
-                         f"{str(getattr(err, 'msg', err)).splitlines()[0]}") from None
+    """YAML + key=value overrides (they reach into lists: stages.1.student=...) -> a checked
+    StagesConfig; a ConfigError (a ValueError) in one line otherwise."""
+    cfg = load_structured(StagesConfig, path, overrides)
     _validate(cfg, path)
     return cfg
 
 
 def _validate(cfg: StagesConfig, path: str) -> None:
     if not cfg.stages:
-        raise ValueError(f"{path}: key stages: no stages")
+        raise ConfigError(f"{path}: key stages: no stages")
     if not os.path.isfile(cfg.train_config):
-        raise ValueError(f"{path}: key train_config: {cfg.train_config} not found")
-    if cfg.data is None and OmegaConf.is_missing(OmegaConf.load(cfg.train_config).get("data", {}), "train"):
-        raise ValueError(f"{path}: key data: required value is missing ({cfg.train_config} "
-                         f"has no data.train)")
+        raise ConfigError(f"{path}: key train_config: {cfg.train_config} not found")
+    if cfg.data is None and OmegaConf.is_missing(load_yaml(cfg.train_config).get("data", {}), "train"):
+        raise ConfigError(f"{path}: key data: required value is missing ({cfg.train_config} "
+                          f"has no data.train)")
     names = [s.name for s in cfg.stages]
     if len(set(names)) != len(names):
-        raise ValueError(f"{path}: key stages: duplicate stage names {names}")
+        raise ConfigError(f"{path}: key stages: duplicate stage names {names}")
     for i, stage in enumerate(cfg.stages):
         key = f"stages[{i}].inherit"
         if stage.inherit.source not in INHERIT_FROM:
-            raise ValueError(f"{path}: key {key}.source: {stage.inherit.source!r} not in {INHERIT_FROM}")
+            raise ConfigError(f"{path}: key {key}.source: {stage.inherit.source!r} not in {INHERIT_FROM}")
         if stage.inherit.depth not in DEPTH_RULES:
-            raise ValueError(f"{path}: key {key}.depth: {stage.inherit.depth!r} not in {DEPTH_RULES}")
+            raise ConfigError(f"{path}: key {key}.depth: {stage.inherit.depth!r} not in {DEPTH_RULES}")
         if stage.inherit.width not in WIDTH_CHOICES:
-            raise ValueError(f"{path}: key {key}.width: {stage.inherit.width!r} not in {WIDTH_CHOICES}")
+            raise ConfigError(f"{path}: key {key}.width: {stage.inherit.width!r} not in {WIDTH_CHOICES}")
         if stage.student == PREVIOUS and i == 0:
-            raise ValueError(f"{path}: key stages[0].student: the first stage has no previous "
+            raise ConfigError(f"{path}: key stages[0].student: the first stage has no previous "
                              f"stage to start from")
         if not all("=" in o for o in stage.overrides + cfg.train_overrides):
-            raise ValueError(f"{path}: key stages[{i}].overrides: expected key=value items")
+            raise ConfigError(f"{path}: key stages[{i}].overrides: expected key=value items")
 
 
 def stage_dir(cfg: StagesConfig, stage: Stage) -> Path:

@@ -1,0 +1,86 @@
+"""Resuming under changed settings, through the real CLI: what cannot continue exactly (another
+world size, ZeRO stage, batch size or model) is ONE line on stderr and exit 2 before anything is
+built; a raised total_steps continues with this run's schedule (no zero-lr step).
+
+One 2-step ZeRO-1 run (the review's case: resuming it at ZeRO-0 used to end in DeepSpeed's
+AttributeError, at ZeRO-3 in an AssertionError, on 2 ranks in a ZeRORuntimeException)."""
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers.shards import make_synthetic_shards
+from tests.helpers.torchrun import REPO_ROOT, run_torchrun
+from tests.helpers.trainer import TINY_DISTILL, read_metrics, tiny_overrides
+from training.optim import warmup_cosine_factor
+
+pytestmark = pytest.mark.slow
+LR = 5e-4  # tiny_overrides' optim.lr
+
+
+def clip_train(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "training", "--config", TINY_DISTILL, *args],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume-changes")
+    shards = make_synthetic_shards(root / "shards", train=64, val=0, zeroshot=0,
+                                   samples_per_shard=32)
+    run_dir = root / "run"
+    args = tiny_overrides(shards["train_shards"], run_dir, steps=2) + [
+        "deepspeed.zero_stage=1", "checkpoint.resume=latest", "checkpoint.export_at_end=false"]
+    result = clip_train(args)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return run_dir, args
+
+
+@pytest.mark.parametrize("change, named", [
+    ("deepspeed.zero_stage=0", "deepspeed.zero_stage=1"),
+    ("deepspeed.zero_stage=3", "deepspeed.zero_stage=1"),
+    ("data.batch_size=16", "data.batch_size=8"),
+    ("model.student=Inherit-Tiny-ViT-Shallow", "model.student='Tiny-ViT-Student'"),
+])
+def test_changed_setting_is_one_line_exit_2(finished_run, change, named):
+    run_dir, args = finished_run
+    result = clip_train(args + ["optim.total_steps=4", change])
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("clip-train: error: checkpoint.resume:")
+    assert named in lines[0] and f"set {named.split('=')[0]}=" in lines[0]
+    assert max(r["step"] for r in read_metrics(run_dir) if "loss" in r) == 2  # nothing trained
+
+
+def test_changed_world_size_is_one_line_exit_2(finished_run):
+    run_dir, args = finished_run
+    result = run_torchrun(["-m", "training", "--config", TINY_DISTILL, *args,
+                           "optim.total_steps=4"], nproc=2, check=False, timeout=300)
+    assert result.returncode != 0  # torchrun's agent reports the ranks' exit 2 (its own trace)
+    assert "training/" not in "".join(l for l in result.stdout.splitlines() if 'File "' in l)
+    assert "ZeRORuntimeException" not in result.stdout
+    errors = [line for line in result.stdout.splitlines() if "clip-train: error:" in line]
+    assert errors and all("written by 1 ranks, this run has 2" in line for line in errors)
+
+
+def test_shorter_total_steps_is_refused(finished_run):
+    run_dir, args = finished_run
+    result = clip_train(args + ["optim.total_steps=1"])
+    assert result.returncode == 2 and "optim.total_steps: this run has 1 steps" in result.stderr
+
+
+def test_raised_total_steps_continues_the_schedule_without_a_zero_lr_step(finished_run):
+    run_dir, args = finished_run  # runs last in this module: it extends the run
+    first = {r["step"]: r["lr"] for r in read_metrics(run_dir) if "lr" in r}
+    assert first[1] == pytest.approx(LR) and first[2] == pytest.approx(LR * 0.5)  # cosine over 2
+    result = clip_train(args + ["optim.total_steps=4"])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    resumed = {r["step"]: r["lr"] for r in read_metrics(run_dir) if "lr" in r}
+    for step in (3, 4):  # step s uses the new schedule's rate at s - 1 (no stale 0 from the old)
+        expected = LR * warmup_cosine_factor(step - 1, warmup_steps=0, total_steps=4, min_ratio=0)
+        assert resumed[step] == pytest.approx(expected, rel=1e-9) and resumed[step] > 0
+    assert resumed[3] == pytest.approx(LR * 0.5 * (1 + math.cos(math.pi / 2)))

@@ -1,0 +1,48 @@
+"""Atomic file writes: the one way this project writes a file another process may read.
+
+A reader (a resuming rank, `clip-status`, the next stage, a user's `cat`) sees the old file or
+the new one, never half of one: the content goes to a hidden temporary sibling, is flushed to disk
+(fsync) and renamed over the target (os.replace is atomic on POSIX file systems).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """`write(tmp)` fills a temporary sibling of `path`, which is then fsynced and renamed over
+    `path`. A failed write leaves no temporary file behind; the error propagates."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    return write_atomic(path, lambda tmp: tmp.write_bytes(data))
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """UTF-8; undecodable input (lone surrogates) is written as backslash escapes."""
+    return write_bytes_atomic(path, text.encode("utf-8", errors="backslashreplace"))
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int = 1) -> Path:
+    return write_text_atomic(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+
+
+# State-dict (weights) files this project reads: safetensors, or torch's (loaded weights_only).
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
