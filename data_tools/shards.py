@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from data_tools import __version__
 from data_tools.errors import DataError, Skip
+from training.files import write_bytes_atomic
 
 MANIFEST_NAME = "manifest.json"
 SIZES_NAME = "sizes.json"
@@ -107,18 +108,11 @@ def sha256_file(path: Path) -> str:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary sibling, fsync, rename: readers see the old file or the new one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    """training/files.py's atomic write; a failure is the one-line output error."""
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_bytes_atomic(path, data)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise _output_error(path, e) from None
+        raise _output_error(Path(path), e) from None
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -196,7 +196,13 @@ class OpenClipSpec(ModelSpec):
 
     @cached_property
     def tokenizer(self) -> TextTokenizer:
-        return open_clip_tokenizer(self.name, self.model_cfg.get("text_cfg", {}), self.base_dir)
+        text_cfg = self.model_cfg.get("text_cfg", {})
+        tokenizer = open_clip_tokenizer(self.name, text_cfg, self.base_dir)
+        table = text_cfg.get("vocab_size")
+        if table is not None and tokenizer.vocab_size > table:  # ids would index past the table
+            raise ValueError(f"model {self.source}: its tokenizer has {tokenizer.vocab_size} ids "
+                             f"but text_cfg.vocab_size is {table}")
+        return tokenizer
 
     def build(self, precision: str = "fp32", device: str | torch.device = "cpu",
               pretrained: str | None = None) -> nn.Module:

@@ -89,7 +89,8 @@ def test_final_checkpoint_loads_into_open_clip(reference_run):
                                    pretrained=str(run_dir / "export" / "open_clip_model.safetensors"))
     tag = (run_dir / "checkpoints" / "latest").read_text().strip()
     assert tag.endswith(f"{TOTAL_STEPS:08d}")
-    zero = get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag=tag)
+    task_state = get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag=tag)
+    zero = {k.removeprefix("student."): v for k, v in task_state.items()}  # the task's student
     exported = model.state_dict()
     assert set(exported) <= set(zero)
     for key, value in exported.items():

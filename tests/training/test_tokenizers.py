@@ -63,3 +63,13 @@ def test_same_tokenizer_is_recognised_and_a_different_one_is_not(tmp_path):
     other = model_spec(student_config("vocabulary", tmp_path)).tokenizer
     assert not other.same_ids_as(teacher)
     assert not model_spec("ViT-B-32").tokenizer.same_ids_as(teacher)  # context 77 vs 32
+
+
+def test_a_vocabulary_larger_than_the_embedding_table_is_refused(tmp_path):
+    # (its own merge count: open_clip's registry is global and keyed by the JSON's stem)
+    config = write_small_vocab_model(tmp_path, n_merges=1500)
+    cfg = json.loads(config.read_text())
+    cfg["text_cfg"]["vocab_size"] = small_vocab_size(1500) - 1
+    config.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=f"has {small_vocab_size(1500)} ids but text_cfg.vocab_size"):
+        model_spec(str(config)).tokenizer
