@@ -21,6 +21,7 @@ import math
 import multiprocessing
 import os
 import queue as queue_module
+import re
 import shutil
 import tarfile
 from collections import Counter
@@ -135,6 +136,19 @@ def ensure_writable_dir(path: Path) -> Path:
     except OSError as e:
         raise DataError(f"output folder {path} is not writable: {e.strerror or e}") from None
     return path
+
+
+PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+
+
+def plain_name(name, where: str) -> str:
+    """A folder name taken from input data or an option (a split), checked to be one plain name
+    (letters, digits, ".", "_", "-"; not starting with "."), so OUT/name cannot leave OUT."""
+    if not isinstance(name, str) or not PLAIN_NAME.fullmatch(name):
+        raise DataError(f"{where}: {name!r} is not a plain folder name (letters, digits, '.', "
+                        f"'_', '-', not starting with '.'); folders outside the output folder "
+                        f"are never written")
+    return name
 
 
 def write_sizes(out_dir: Path, counts: dict[str, int]) -> None:
@@ -350,7 +364,7 @@ class ShardSetWriter:
         todo = [s for s in range(plan.num_shards) if s not in done]
         for stale in self.out_dir.glob(f".{self.prefix}-*.tar.partial"):
             stale.unlink()
-        with tqdm(total=plan.num_items, unit="sample", unit_scale=True, smoothing=0.1,
+        with tqdm(total=plan.num_items, unit="sample", smoothing=0.1,
                   initial=sum(len(plan.items(s)) for s in done), disable=not self.progress,
                   desc=f"{self.source_name} -> {self.out_dir.name}", dynamic_ncols=True) as bar:
             if self.workers == 1 or len(todo) <= 1:

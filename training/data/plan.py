@@ -47,10 +47,11 @@ class ShardSizes:
         folder, name = posixpath.split(url)
         sizes = self._sizes_json(folder)
         if name in sizes:
-            return int(sizes[name])
-        stats = read_json(posixpath.join(folder, name.rsplit(".", 1)[0] + "_stats.json"))
+            return _count_value(sizes[name], posixpath.join(folder, "sizes.json"), name)
+        stats_url = posixpath.join(folder, name.rsplit(".", 1)[0] + "_stats.json")
+        stats = read_json(stats_url)
         if stats is not None and "successes" in stats:
-            return int(stats["successes"])
+            return _count_value(stats["successes"], stats_url, "successes")
         return self._count(url)
 
     def _sizes_json(self, folder: str) -> dict:
@@ -63,6 +64,16 @@ class ShardSizes:
     def _count(url: str) -> int:
         log.warning("no sizes.json or *_stats.json for %s: counting its samples", url)
         return sum(1 for _ in read_shard(url))
+
+
+def _count_value(value, path: str, key: str) -> int:
+    """A sample count from a listing, or a one-line DataError naming the file, key and value."""
+    if isinstance(value, str) and value.strip().isdigit():  # open_clip_train reads int(value) too
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise DataError(f"{path}: {key!r} must be a sample count (an integer >= 0), got "
+                        f"{value!r}; rebuild it with clip-data verify")
+    return value
 
 
 @dataclass(frozen=True)
