@@ -110,20 +110,13 @@ class _TrainStream(IterableDataset):
                 raise DataError(f"data.train: no usable sample in the {len(shards)} shards starting with {shards[0]}")
 
     def _read_listed(self, url: str, account: SampleAccount) -> Iterator[dict]:
-        """read_shard, plus a check that the shard has the samples its listing promised: a tar cut
-        exactly between two members reads as a complete, shorter tar; a listing (sizes.json) that
-        says too few makes every epoch silently shorter. Either is logged and counted as a shard
-        error."""
+        """read_shard, plus a check that a shard read to its end had the samples its listing
+        promised: a tar cut exactly between two members reads as a complete, shorter tar."""
         found = 0
-        listed = self.plan.shard_sizes.get(url, 0)
         for raw in read_shard(url, account):
             found += 1
-            if found == listed + 1 and not account.frozen:
-                log.warning("shard %s holds more samples than its listing (sizes.json) says, %d: "
-                            "epochs are planned from the listing; rebuild it with clip-data verify",
-                            url, listed)
-                account.shard_errors[url] += 1
             yield raw
+        listed = self.plan.shard_sizes.get(url, 0)
         if found < listed and not account.frozen and url not in account.shard_errors:
             log.warning("shard %s gave %d samples, its listing says %d", url, found, listed)
             account.shard_errors[url] += 1
