@@ -8,18 +8,23 @@ in RUN_DIR/wandb_run_id, so every resume of a run continues the same W&B run.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import secrets
+import socket
 import time
 from typing import Optional
 
 from training.config import LogConfig
-from training.files import write_text_atomic
+from training.files import write_json_atomic, write_text_atomic
 
 log = logging.getLogger("training")
 WANDB_ID_FILE = "wandb_run_id"
+# While rank 0 trains: {"host", "pid", "step", "time"}, rewritten at every log step and removed at
+# the end; `clip-status` reads it to tell a running run from a stopped one (also without SLURM).
+HEARTBEAT_FILE = "running.json"
 
 
 # DistillationLoss's terms; a masked student's regularisers arrive as loss_<name>.
@@ -66,6 +71,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
+        self._heartbeat(step=None)
         self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -105,6 +111,7 @@ class MetricsLogger:
                  f"/rank) | data wait {record['data_wait_s'] * 1000:.0f} ms/step | "
                  f"eta {format_duration(record['eta_s'])}")
         self._write(record, step, prefix="train")
+        self._heartbeat(step)
         return record
 
     def log_eval(self, step: int, values: dict[str, float]) -> None:
@@ -145,7 +152,15 @@ class MetricsLogger:
             log.info(text)
         return text
 
+    def _heartbeat(self, step: Optional[int]) -> None:
+        write_json_atomic(os.path.join(self.run_dir, HEARTBEAT_FILE),
+                          {"host": socket.gethostname(), "pid": os.getpid(), "step": step,
+                           "time": time.time()})
+
     def close(self) -> None:
+        if self.enabled:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.run_dir, HEARTBEAT_FILE))
         if self._jsonl is not None:
             self._jsonl.close()
         if self._tb is not None:
