@@ -110,8 +110,10 @@ def add_csv_parser(subparsers) -> None:
     parser.add_argument("out", type=Path, help="output folder for the shard set")
     parser.add_argument("--format", choices=["auto"] + sorted(set(TABLE_FORMATS.values())),
                         default="auto", help="table format (default: from the extension)")
-    parser.add_argument("--image-column", default="filepath")
-    parser.add_argument("--caption-column", default="caption")
+    parser.add_argument("--image-column", default="filepath",
+                        help="column holding the image path (default: %(default)s)")
+    parser.add_argument("--caption-column", default="caption",
+                        help="column holding the caption (default: %(default)s)")
     parser.add_argument("--id-column", default=None,
                         help="optional unique id column; repeated ids are skipped")
     parser.add_argument("--image-root", type=Path, default=None,

@@ -206,9 +206,10 @@ def add_writer_arguments(parser: argparse.ArgumentParser) -> None:
     """The options every converter subcommand shares."""
     group = parser.add_argument_group("shard set")
     group.add_argument("--samples-per-shard", type=int, default=10000,
-                       help="samples per tar file (default 10000)")
+                       help="samples per tar file (default: %(default)s)")
     group.add_argument("--prefix", default="shard", help="shard file prefix (default: shard)")
-    group.add_argument("--workers", type=int, default=1, help="processes writing shards")
+    group.add_argument("--workers", type=int, default=1,
+                       help="processes writing shards (default: %(default)s)")
     group.add_argument("--overwrite", action="store_true",
                        help="replace a shard set written with different arguments")
     group.add_argument("--no-progress", dest="progress", action="store_false",
