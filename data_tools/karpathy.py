@@ -33,8 +33,9 @@ def read_karpathy(path: Path, image_root: Path) -> tuple[str, dict[str, list[Rec
         filename = require(img, "filename", str, where)
         sentences = require(img, "sentences", list, where)
         relative = Path(optional(img, "filepath", str, where, "")) / filename
-        ident = optional(img, "cocoid", ID_TYPES, where) or optional(img, "imgid", ID_TYPES,
-                                                                      where, position)
+        ident = optional(img, "cocoid", ID_TYPES, where)
+        if ident is None:
+            ident = optional(img, "imgid", ID_TYPES, where, position)
         meta = {"image_id": ident, "filename": str(relative), "split": split,
                 "dataset": dataset}
         captions = tuple(s.get("raw") if isinstance(s, dict) else None for s in sentences)
