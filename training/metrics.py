@@ -100,11 +100,11 @@ class MetricsLogger:
                   "data_wait_s": self._window_wait / steps,
                   "eta_s": (self.total_steps - step) * elapsed / steps}
         self._window_start, self._window_steps, self._window_wait = now, 0, 0.0
-        self._last_train = {k: v for k, v in values.items() if is_loss(k)}
+        self._last_train = {k: values[k] for k in sorted(filter(is_loss, values),
+                                                         key=lambda k: k != "loss")}
         if not self.enabled:
             return record
-        losses = " ".join(f"{k} {values[k]:.4f}" for k in sorted(filter(is_loss, values),
-                                                                   key=lambda k: k != "loss"))
+        losses = " ".join(f"{k} {v:.4f}" for k, v in self._last_train.items())
         scales = " ".join(f"{k} {v:.1f}" for k, v in values.items() if "scale" in k)
         log.info(f"step {step}/{self.total_steps} | {losses} | lr {values.get('lr', 0):.3g} | "
                  f"{scales} | {samples_per_s:.1f} samples/s ({samples_per_s / self.world_size:.1f}"
@@ -136,7 +136,7 @@ class MetricsLogger:
     def summary(self, step: int, samples_seen: int, export_dir: Optional[str]) -> str:
         """The end-of-run lines (logged on rank 0 and returned): steps, samples, this process's
         time, the last logged losses and evaluation, and where the model went."""
-        lines = [f"done: step {step}/{self.total_steps}, {samples_seen} samples seen, "
+        lines = [f"done: {step} of {self.total_steps} steps, {samples_seen} samples seen, "
                  f"{format_duration(time.perf_counter() - self._started)} in this process; "
                  f"run directory {self.run_dir}"]
         if self._last_train:

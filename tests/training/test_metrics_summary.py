@@ -19,7 +19,7 @@ def test_summary_names_steps_samples_final_metrics_and_the_export(tmp_path):
     text = metrics.summary(10, 320, str(tmp_path / "export"))
     metrics.close()
     lines = text.splitlines()
-    assert re.fullmatch(rf"done: step 10/10, 320 samples seen, 0:00:\d\d in this process; "
+    assert re.fullmatch(rf"done: 10 of 10 steps, 320 samples seen, 0:00:\d\d in this process; "
                         rf"run directory {re.escape(str(tmp_path))}", lines[0])
     assert lines[1:] == ["  final train: loss 1.2500 clip 0.5000",
                          "  final eval:  val/image_to_text_R@1 0.3750",
