@@ -1,0 +1,28 @@
+"""int8 by dynamic quantization (ONNX Runtime): weights of MatMul/Gemm stored as int8,
+activations quantized per batch at run time. No calibration data; the accuracy change is
+measured, not assumed (training/deploy/cli.py runs zero-shot on both, the card reports it).
+
+    int8_path = quantize_dynamic_int8("out/onnx/image_encoder.onnx")  # image_encoder.int8.onnx
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from training.files import write_atomic
+
+INT8_SUFFIX = ".int8.onnx"
+
+
+def int8_path_of(fp32_path: str | os.PathLike) -> Path:
+    path = Path(fp32_path)
+    return path.with_name(path.name.removesuffix(".onnx") + INT8_SUFFIX)
+
+
+def quantize_dynamic_int8(fp32_path: str | os.PathLike) -> Path:
+    """Write the int8 twin of an fp32 ONNX graph beside it; return its path."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    return write_atomic(int8_path_of(fp32_path), lambda tmp: quantize_dynamic(
+        str(fp32_path), str(tmp), weight_type=QuantType.QInt8,
+        op_types_to_quantize=["MatMul", "Gemm", "Gather"]))
