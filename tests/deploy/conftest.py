@@ -38,7 +38,7 @@ def trained(tmp_path_factory):
     result = subprocess.run([sys.executable, "-m", "training", *args], cwd=REPO_ROOT,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return {"root": root, "run_dir": run_dir, "teacher": teacher, **data}
+    return {**data, "root": root, "run_dir": run_dir, "teacher": teacher}
 
 
 @pytest.fixture(scope="package")
