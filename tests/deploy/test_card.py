@@ -6,6 +6,9 @@ import pytest
 
 from training.checkpoint_files import find_tag_dir
 
+# the shared trained run and export (conftest.py) take about a minute
+pytestmark = pytest.mark.slow
+
 
 def sha256(path) -> str:
     return hashlib.sha256(open(path, "rb").read()).hexdigest()

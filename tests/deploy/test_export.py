@@ -11,10 +11,16 @@ from training.deploy.cli import main
 from training.deploy.parity import MIN_COSINE, compare, probe_batch
 from training.evaluation.loading import load_for_eval
 
+# the shared trained run and export (conftest.py) take about a minute
+pytestmark = pytest.mark.slow
+
 # int8 (dynamic quantization) may move zero-shot top-1 on the 60-image synthetic set by at most
-# 3 images, and must keep the PyTorch model's predicted class on at least 80% of the images.
+# 3 images and must keep the PyTorch model's predicted class on at least 80% of the images. The
+# six-step tiny student predicts few distinct classes, so the embeddings are held too: cosine
+# with the fp32 model's >= 0.999 per sample (measured 0.9997-0.9999, docs/deploy.md).
 INT8_TOP1_TOLERANCE = 0.05
 INT8_MIN_AGREEMENT = 0.8
+INT8_MIN_COSINE = 0.999
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +75,9 @@ def test_int8_zero_shot_within_tolerance(exported, reference, trained, card):
     assert zeroshot["onnx_int8"]["top1"] == pytest.approx(int8)
     assert abs(int8 - fp32) <= INT8_TOP1_TOLERANCE
     assert zeroshot["onnx_int8"]["top1_agreement"] >= INT8_MIN_AGREEMENT
+    numbers = compare(reference.model, reloaded(exported, "onnx_int8"),
+                      probe_batch(reference.spec, n=16, seed=3))
+    assert min(numbers[t]["min_cosine"] for t in ("image", "text")) >= INT8_MIN_COSINE, numbers
     for fmt in ("pytorch_openclip", "onnx_fp32", "huggingface"):  # fp32: the same predictions
         assert zeroshot[fmt]["top1_agreement"] == 1.0
     sizes = {fmt: sum(card["formats"][fmt]["files"].values()) for fmt in ("onnx_fp32", "onnx_int8")}

@@ -7,6 +7,7 @@ import pytest
 from training.evaluation.cli import main
 
 
+@pytest.mark.slow
 def test_latency_rows_per_backend(exported, tmp_path, capsys):
     out = tmp_path / "latency.json"
     assert main(["latency", "--checkpoint", str(exported / "openclip"), "--iters", "1",

@@ -163,7 +163,8 @@ def export_all(args, formats: list[str]) -> tuple[dict, list[str]]:
 def zeroshot_by_format(models: dict, spec, args) -> dict:
     """Zero-shot metrics of each model on --zeroshot (same transform, tokenizer, classes and
     templates), plus each format's top-1 agreement with the first model (the PyTorch one):
-    the fraction of images whose predicted class is unchanged by the export."""
+    the fraction of images whose predicted class is unchanged by the export, and how many
+    distinct classes it predicts (1: a collapsed model, whose agreement says nothing)."""
     from training.evaluation.datasets import build_eval_loader, open_eval_set
     from training.evaluation.features import encode_loader
     from training.evaluation.suite import eval_transform
@@ -184,7 +185,8 @@ def zeroshot_by_format(models: dict, spec, args) -> dict:
         reference = predicted if reference is None else reference
         results[name] = {**zeroshot_metrics(features.image_features, features.labels,
                                             classifier),
-                         "top1_agreement": float((predicted == reference).double().mean())}
+                         "top1_agreement": float((predicted == reference).double().mean()),
+                         "predicted_classes": len(predicted.unique())}
     return results
 
 
