@@ -86,8 +86,8 @@ def latency_row(row: dict) -> str:
     name = Path(row["model"].removeprefix("local-dir:")).name
     backend = {"pytorch": f"PyTorch eager ({row['device']})", "onnx": "ONNX Runtime fp32",
                "int8": "ONNX Runtime int8"}[row["backend"]]
-    return (f"| {name} | {backend} | {row['image_params'] / 1e6:.1f} + "
-            f"{row['text_params'] / 1e6:.1f} | {row['image_macs'] / 1e9:.3f} + "
+    return (f"| {name} | {backend} | {row['image_params'] / 1e6:.2f} + "
+            f"{row['text_params'] / 1e6:.2f} | {row['image_macs'] / 1e9:.3f} + "
             f"{row['text_macs'] / 1e9:.3f} | {row['image_ms_b1']:.2f} | "
             f"{row['text_ms_b1']:.2f} | {row['images_per_s']:,.0f} | {row['texts_per_s']:,.0f} | "
             f"{row['pairs_per_s']:,.0f} ({row['batch_size']}) |\n")
