@@ -4,7 +4,8 @@ Backends: PyTorch eager (CPU, or CUDA with --device cuda), ONNX Runtime fp32 and
 CPU (the graphs of training/deploy/onnx.py and quantize.py, written to a temporary folder).
 Per backend: milliseconds per image and per text at batch 1 (latency), images/s and texts/s at a
 throughput batch, and pairs/s = 1 / (1/images_per_s + 1/texts_per_s) as in evaluation/cost.py.
-Timing is cost.py's loop (warm-up calls, then timed calls); inputs are cost.py's dummy inputs.
+Timing is cost.py's loop (warm-up calls, then timed calls); inputs are blank images of the
+model's size and a tokenized caption (the towers' cost does not depend on the values).
 
     rows = measure(loaded, ["pytorch", "onnx", "int8"], batch_size=64)
     # * text parameters without the token embedding, as TinyCLIP names its models
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from training.evaluation.cost import _samples_per_s, dummy_inputs, model_cost
+from training.evaluation.cost import _samples_per_s, model_cost
 
 BACKENDS = ("pytorch", "onnx", "int8")
 LATENCY_HEADER = ("| Model | Backend | Params image + text (M)* | MACs image + text (G) | "
@@ -41,18 +42,20 @@ def backend_models(loaded, backends, work_dir: Path, threads: int | None, device
             yield "int8", "cpu", OnnxClip(q["image"], q["text"], threads)
 
 
-def time_model(model, reference: torch.nn.Module, device: str, batch_size: int, warmup: int,
-               iters: int) -> dict:
+def time_model(model, spec, device: str, batch_size: int, warmup: int, iters: int) -> dict:
     """Latency at batch 1 and throughput at `batch_size` of both towers."""
+    from training.deploy.onnx import example_inputs
+
     result = {}
     with torch.no_grad():
         for batch, label in ((1, "b1"), (batch_size, "batch")):
-            images, ids = dummy_inputs(reference, batch, device)
-            ids[:, 0], ids[:, -1] = 49406, 49407  # start and end token: a real pooling position
+            inputs = {k: v.to(device) for k, v in example_inputs(spec, batch).items()}
             result[f"images_per_s_{label}"] = _samples_per_s(
-                lambda x: model.encode_image(x, normalize=True), images, warmup, iters, device)
+                lambda x: model.encode_image(x, normalize=True), inputs["image"], warmup, iters,
+                device)
             result[f"texts_per_s_{label}"] = _samples_per_s(
-                lambda x: model.encode_text(x, normalize=True), ids, warmup, iters, device)
+                lambda x: model.encode_text(x, normalize=True), inputs["text"], warmup, iters,
+                device)
     return {"image_ms_b1": 1000.0 / result["images_per_s_b1"],
             "text_ms_b1": 1000.0 / result["texts_per_s_b1"],
             "images_per_s": result["images_per_s_batch"],
@@ -72,13 +75,12 @@ def measure(loaded, backends=BACKENDS, batch_size: int = 64, warmup: int = 2, it
     with tempfile.TemporaryDirectory() as work_dir:
         for backend, dev, model in backend_models(loaded, backends, Path(work_dir), threads,
                                                   device):
-            reference = loaded.model.to(dev)
             rows.append({"model": loaded.name, "source": loaded.source, "backend": backend,
                          "device": dev, "threads": threads,
                          "image_params": cost["image_params"],
                          "text_params": cost["text_params_no_token_embedding"],
                          "image_macs": cost["image_macs"], "text_macs": cost["text_macs"],
-                         **time_model(model, reference, dev, batch_size, warmup, iters)})
+                         **time_model(model, loaded.spec, dev, batch_size, warmup, iters)})
     return rows
 
 
@@ -89,5 +91,9 @@ def latency_row(row: dict) -> str:
     return (f"| {name} | {backend} | {row['image_params'] / 1e6:.2f} + "
             f"{row['text_params'] / 1e6:.2f} | {row['image_macs'] / 1e9:.3f} + "
             f"{row['text_macs'] / 1e9:.3f} | {row['image_ms_b1']:.2f} | "
-            f"{row['text_ms_b1']:.2f} | {row['images_per_s']:,.0f} | {row['texts_per_s']:,.0f} | "
-            f"{row['pairs_per_s']:,.0f} ({row['batch_size']}) |\n")
+            f"{row['text_ms_b1']:.2f} | {_rate(row['images_per_s'])} | "
+            f"{_rate(row['texts_per_s'])} | {_rate(row['pairs_per_s'])} ({row['batch_size']}) |\n")
+
+
+def _rate(per_s: float) -> str:
+    return f"{per_s:,.1f}" if per_s < 100 else f"{per_s:,.0f}"

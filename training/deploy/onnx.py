@@ -37,7 +37,7 @@ class Tower(torch.nn.Module):
 
 
 def example_inputs(spec: ModelSpec, batch_size: int = 2) -> dict[str, torch.Tensor]:
-    """Inputs of the spec's shapes to trace with (values do not matter)."""
+    """Inputs of the spec's shapes (to trace and to time with: values do not matter)."""
     size = spec.image_size
     height, width = (size, size) if isinstance(size, int) else tuple(size)
     ids = spec.tokenizer(["a photo of a cat"] * batch_size)
