@@ -108,8 +108,6 @@ def release_open_clip(loaded, source: str, out_dir: Path, fp16: bool) -> Path:
 
 def export_all(args, formats: list[str]) -> tuple[dict, list[str]]:
     """Write every format, check each against the PyTorch model; (card, parity failures)."""
-    import torch
-
     from training.deploy.card import build_card, write_card
     from training.deploy.parity import MIN_COSINE, below, compare, probe_batch
     from training.evaluation.loading import load_for_eval
@@ -131,7 +129,6 @@ def export_all(args, formats: list[str]) -> tuple[dict, list[str]]:
         if held_to_bar:
             failures.extend(f"{CARD_NAMES[name]}: {line}" for line in below(parity, min_cosine))
 
-    torch.manual_seed(0)
     if "openclip" in formats:
         folder = release_open_clip(loaded, args.source, out / "openclip", args.fp16)
         released = load_for_eval(str(folder))
