@@ -1,5 +1,5 @@
-"""int8 by dynamic quantization (ONNX Runtime): weights of MatMul/Gemm stored as int8,
-activations quantized per batch at run time. No calibration data; the accuracy change is
+"""int8 by dynamic quantization (ONNX Runtime): weights of MatMul/Gemm and the token embedding
+(Gather) stored as int8, activations quantized per batch at run time. No calibration data; the accuracy change is
 measured, not assumed (training/deploy/cli.py runs zero-shot on both, the card reports it).
 ONNX Runtime's recommended pre-processing (quant_pre_process: symbolic shape inference) fails on
 the dynamo exporter's graphs (an Expand whose shape it cannot infer), so it is not run.
