@@ -172,3 +172,17 @@ def test_model_clip_cannot_hold_refused_before_writing(tmp_path, capsys):
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "CLIPModel cannot hold" in err and "vision_cfg.layers" in err
     assert not out.exists()
+
+
+def test_parity_below_the_bar_fails_after_writing_the_card(exported, tmp_path, capsys):
+    """An fp32 format under --min-cosine: exit 1 naming the format and tower; the card keeps
+    the numbers."""
+    out = tmp_path / "strict"
+    with pytest.raises(SystemExit) as exc:
+        main([str(exported / "openclip"), "--out", str(out), "--formats", "openclip",
+              "--min-cosine", "1.5"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 1
+    assert "pytorch_openclip: image min cosine" in err and "< 1.5" in err
+    card = json.loads((out / "card.json").read_text())
+    assert card["formats"]["pytorch_openclip"]["parity"]["image"]["min_cosine"] == 1.0
