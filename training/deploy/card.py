@@ -182,8 +182,12 @@ def render(card: dict) -> str:
         add(f"| {name} | {files} | {' | '.join(cells)} | "
             f"{'-' if top1 is None else f'{top1:.4f}'} |")
     if card["zeroshot"]:
-        add(f"\nZero-shot set: `{card['zeroshot'].get('dataset')}`; parity is against the "
-            f"PyTorch model on a fixed probe batch; fp32 formats must reach cosine 0.9999.")
+        reference = card["zeroshot"]["pytorch"]
+        add(f"\nZero-shot set: `{card['zeroshot'].get('dataset')}`: the PyTorch model's top-1 "
+            f"{reference['top1']:.4f} ({reference['predicted_classes']} distinct classes "
+            f"predicted); each format's agreement with its predictions is in card.json.")
+    add("\nParity is against the PyTorch model on a fixed probe batch; fp32 formats must reach "
+        "cosine 0.9999.")
     return "\n".join(lines) + "\n"
 
 
