@@ -19,6 +19,7 @@ setup(
             "clip-train=training.cli:main",
             "clip-inherit=training.inheritance.cli:main",
             "clip-eval=training.evaluation.cli:main",
+            "clip-export=training.deploy.cli:main",
             "clip-stages=training.inheritance.stages:main",
             "clip-submit=launch.submit:main",
             "clip-status=launch.status:main",

@@ -3,6 +3,8 @@
   clip-eval eval --checkpoint PATH [--model NAME_OR_JSON] [--zeroshot DIR] [--retrieval DIR]
                  [--cost] [--out record.json]     # JSON record + model-zoo markdown row
   clip-eval report RUN_DIR [RUN_DIR ...] --out DIR [--labels A B ...]
+  clip-eval latency [--checkpoint PATH] [--model NAME_OR_JSON] [--backends pytorch,onnx,int8]
+                    [--batch-size 64] [--out latency.json]   # per-tower ms and pairs/s
 
 Under torchrun the evaluation runs on every rank (each encodes its share; results gathered);
 rank 0 prints and writes. Bad input ends with one line `clip-eval: error: ...` and exit 2,
@@ -48,7 +50,44 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("run_dirs", nargs="+", help="run directories (or metrics.jsonl files)")
     rep.add_argument("--out", required=True, help="output folder")
     rep.add_argument("--labels", nargs="+", help="one legend label per run")
+
+    lat = sub.add_parser("latency", help="per-tower latency and pairs/s per backend "
+                         "(PyTorch eager, ONNX Runtime fp32 and int8): training/deploy/latency.py")
+    lat.add_argument("--checkpoint", help="as for eval (omit for random weights)")
+    lat.add_argument("--model", help="as for eval")
+    lat.add_argument("--backends", default="pytorch,onnx,int8",
+                     help="comma-separated subset of pytorch,onnx,int8")
+    lat.add_argument("--batch-size", type=int, default=64, help="throughput batch size")
+    lat.add_argument("--iters", type=int, default=10, help="timed calls per measurement")
+    lat.add_argument("--warmup", type=int, default=2, help="untimed calls first")
+    lat.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    lat.add_argument("--device", default="cpu", help="PyTorch eager's device (cpu or cuda)")
+    lat.add_argument("--out", help="write the JSON rows here (and the .md table beside it)")
     return parser
+
+
+def run_latency(args) -> None:
+    from training.deploy.latency import BACKENDS, LATENCY_HEADER, latency_row, measure
+    from training.evaluation.loading import load_for_eval
+
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    if not backends or set(backends) - set(BACKENDS):
+        raise ValueError(f"--backends {args.backends!r}: expected a subset of {','.join(BACKENDS)}")
+    for name in ("batch_size", "iters", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be positive")
+    import torch
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA device here")
+    rows = measure(load_for_eval(args.checkpoint, args.model), backends, args.batch_size,
+                   args.warmup, args.iters, args.threads, args.device)
+    table = LATENCY_HEADER + "".join(map(latency_row, rows))
+    print(json.dumps(rows, indent=2))
+    print(table, end="")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
+        Path(args.out).with_suffix(".md").write_text(table)
 
 
 def _check_eval_args(args) -> None:
@@ -149,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
             from training.evaluation.report import write_report
             for path, written in write_report(args.run_dirs, args.out, args.labels).items():
                 print(f"{path}: {written}")
+            return 0
+        if args.command == "latency":
+            run_latency(args)
             return 0
         _check_eval_args(args)
         record, rank = run_eval(args)

@@ -1,0 +1,5 @@
+import sys
+
+from training.deploy.cli import main
+
+sys.exit(main())
