@@ -34,6 +34,7 @@ from training.config_files import ConfigError
 from training.distributed import barrier, rank_and_world
 from training.files import write_json_atomic, write_text_atomic
 
+UNIVERSAL = "universal"  # RUN_DIR/checkpoints/universal/<tag>: a conversion in use
 _TAG_RE = re.compile(r"^step-(\d+)$")
 
 
@@ -71,16 +72,19 @@ class TrainState:
 
 @dataclass
 class DataPosition:
-    """Where in the data stream training is: per-rank micro-batches of `epoch` consumed (valid
-    for the world size, batch size and worker count that wrote it: check_resume holds them)."""
+    """Where in the data training is: `samples` of `epoch` trained, a global count over all ranks
+    in the epoch's global order (training/data/order.py), so it holds for any world size.
+    `stream` seeds resampled draws; a resume on another world size starts new draws."""
     epoch: int = 0
-    batches_in_epoch: int = 0
+    samples: int = 0
+    stream: str = ""
 
     def state_dict(self) -> dict:
         return asdict(self)
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.batches_in_epoch = int(state["epoch"]), int(state["batches_in_epoch"])
+        self.epoch, self.samples = int(state["epoch"]), int(state["samples"])
+        self.stream = str(state["stream"])
 
 
 def rng_state() -> dict:
@@ -111,8 +115,10 @@ class RngStates:
         return {"ranks": states}
 
     def load_state_dict(self, state: dict) -> None:
+        """On another world size the ranks keep their fresh per-rank seeds (the data does not
+        depend on them: every sample's randomness is seeded by its position)."""
         rank, world = rank_and_world()
-        if len(state["ranks"]) == world:  # check_resume holds the world size
+        if len(state["ranks"]) == world:
             set_rng_state(state["ranks"][rank])
 
 
@@ -122,9 +128,6 @@ class RngStates:
 RESUME_INVARIANTS = (
     ("deepspeed.zero_stage", "the optimizer state is partitioned for that stage"),
     ("deepspeed.precision", "the saved weights and optimizer state are in that precision"),
-    ("data.batch_size", "the saved data position counts batches of that size"),
-    ("optim.grad_accum_steps", "the saved data position counts micro-batches per step"),
-    ("data.workers", "the saved data position is planned over that many loader workers"),
     ("data.train", "the saved data position is a position in that data"),
     ("data.train_weights", "the saved data stream samples with those weights"),
     ("data.resampled", "the saved data position is a position in that stream"),
@@ -154,17 +157,39 @@ def check_resume(tag_dir: str, config: dict, world_size: int) -> dict:
     if record.get("format") != FORMAT_VERSION:
         raise ConfigError(f"{where} has checkpoint format {record.get('format')!r}, this version "
                           f"reads format {FORMAT_VERSION}: start a new run_dir")
-    if record["world_size"] != world_size:
-        raise ConfigError(f"{where} was written by {record['world_size']} ranks, this run has "
-                          f"{world_size}: the data position and the optimizer partitions are "
-                          f"per rank (resuming on another world size is not supported yet); "
-                          f"run on {record['world_size']} ranks {advice}")
     for key, why in RESUME_INVARIANTS:
         saved, now = _lookup(record["config"], key), _lookup(config, key)
         if saved != now:
             raise ConfigError(f"{where} was written with {key}={saved!r}, this run has "
                               f"{now!r}: {why}; set {key}={saved!r} to resume {advice}")
+    resume_accumulation(record, config, world_size, where)
     return record
+
+
+def resume_accumulation(record: dict, config: dict, world_size: int,
+                        where: str = "checkpoint.resume") -> int:
+    """The micro-batches per step that keep the checkpoint's global batch on `world_size` ranks
+    of `data.batch_size` samples, so the schedule and the samples per step do not change
+    whatever the world size; ConfigError in one line where no whole number does."""
+    saved, batch = record["global_batch"], config["data"]["batch_size"]
+    was = (f"a global batch of {saved} samples per step (data.batch_size="
+           f"{record['config']['data']['batch_size']} x optim.grad_accum_steps="
+           f"{record['config']['optim']['grad_accum_steps']} x {record['world_size']} ranks)")
+    if saved % world_size:
+        raise ConfigError(f"{where} trained with {was}, which {world_size} ranks cannot share "
+                          f"equally: run on a number of ranks that divides {saved}")
+    per_rank = saved // world_size
+    if per_rank % batch:
+        fits = max(d for d in range(1, min(batch, per_rank) + 1) if per_rank % d == 0)
+        raise ConfigError(f"{where} trained with {was}: {per_rank} per rank on {world_size} "
+                          f"ranks, which data.batch_size={batch} does not divide; set "
+                          f"data.batch_size={fits} (or another divisor of {per_rank})")
+    accum = per_rank // batch
+    if accum > 1 and _lookup(config, "model.mask") is not None:
+        raise ConfigError(f"{where} trained with {was}: on {world_size} ranks that needs "
+                          f"optim.grad_accum_steps={accum}, and model.mask needs 1; run on "
+                          f"{record['world_size']} ranks")
+    return accum
 
 
 def check_total_steps(record: dict, total_steps: int) -> None:
@@ -213,10 +238,23 @@ class CheckpointManager:
             if tag not in kept:
                 shutil.rmtree(os.path.join(self.dir, tag), ignore_errors=True)
 
-    def load(self, engine, tag_dir: str, parts: dict[str, CheckpointPart]) -> None:
-        """Restore the engine (weights, optimizer, scheduler) and every part."""
-        load_dir, tag = os.path.split(tag_dir.rstrip("/"))
+    def load(self, engine, tag_dir: str, parts: dict[str, CheckpointPart],
+             universal: bool = False) -> None:
+        """Restore the engine (weights, optimizer, scheduler) and every part. `universal`: the
+        tag was written on another world size at ZeRO 1-3; load DeepSpeed's universal form of
+        it (made here, by rank 0, then removed; the engine was built with load_universal)."""
+        source = tag_dir
+        if universal:
+            if self.rank == 0:
+                to_universal(tag_dir, self.universal_dir(tag_dir))
+            barrier()
+            source = self.universal_dir(tag_dir)
+        load_dir, tag = os.path.split(source.rstrip("/"))
         path, client_state = engine.load_checkpoint(load_dir, tag=tag)
+        if universal:
+            barrier()
+            if self.rank == 0:
+                shutil.rmtree(os.path.dirname(source), ignore_errors=True)
         if path is None or client_state is None:
             raise FileNotFoundError(f"{tag_dir}: not a loadable DeepSpeed checkpoint")
         missing = sorted(set(parts) - set(client_state))
@@ -225,6 +263,33 @@ class CheckpointManager:
                                     f"{', '.join(missing)}")
         for name, part in parts.items():
             part.load_state_dict(client_state[name])
+
+
+    def universal_dir(self, tag_dir: str) -> str:
+        return os.path.join(self.dir, UNIVERSAL, os.path.basename(tag_dir.rstrip("/")))
+
+
+def to_universal(tag_dir: str, out_dir: str) -> None:
+    """DeepSpeed's ds_to_universal: the ZeRO 1-3 partitions of a tag as one file per parameter
+    (fp32 weights and optimizer moments), loadable on any world size. Output hidden unless it
+    fails; a stale half conversion is replaced."""
+    import argparse
+    import contextlib
+    import io
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    shutil.rmtree(out_dir, ignore_errors=True)
+    args = argparse.Namespace(input_folder=tag_dir, output_folder=out_dir, num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              # ZeRO-1/2 tags lack DeepSpeed's universal_checkpoint_info marker
+                              inject_missing_state=True)
+    output = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+            ds_to_universal(args)
+    except Exception as err:
+        raise RuntimeError(f"{tag_dir}: DeepSpeed's ds_to_universal failed ({err}); its output:\n"
+                           f"{output.getvalue()[-3000:]}") from err
 
 
 def resolve_resume(run_dir: str, resume: Optional[str]) -> Optional[str]:

@@ -19,7 +19,8 @@ import torch
 
 LATEST = "latest"  # RUN_DIR/checkpoints/latest: the newest complete tag
 RUN_RECORD = "run.json"  # RUN_DIR/checkpoints/<tag>/run.json, written by us
-FORMAT_VERSION = 2  # of our checkpoints (2: the task module, named client-state parts, run.json)
+FORMAT_VERSION = 3  # of our checkpoints (2: the task module, named client-state parts, run.json;
+#                    3: the data position as a global sample count, the global batch and lanes)
 # DeepSpeed's file holding the module (and, at ZeRO-3, rank 0's share of it).
 MODEL_STATES_FILES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
 

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from training.checkpoint import (CheckpointManager, check_resume, check_total_steps,
-                                 read_latest, resolve_resume, rng_state, set_rng_state,
-                                 tag_for_step, write_latest)
+                                 read_latest, resolve_resume, resume_accumulation, rng_state,
+                                 set_rng_state, tag_for_step, write_latest)
+from training.checkpoint_files import FORMAT_VERSION
 from training.config import ConfigError, DataConfig, ModelConfig, TrainConfig, to_dict
 from training.files import write_json_atomic
 
@@ -83,15 +84,17 @@ def saved_run(tmp_path, world_size=1, **changes) -> tuple[str, dict]:
     cfg.optim.total_steps = 4
     tag = tmp_path / "checkpoints" / tag_for_step(4)
     tag.mkdir(parents=True)
-    write_json_atomic(tag / "run.json", {"format": 2, "step": 4, "total_steps": 4,
+    global_batch = cfg.data.batch_size * world_size
+    write_json_atomic(tag / "run.json", {"format": FORMAT_VERSION, "step": 4, "total_steps": 4,
                                          "world_size": world_size, "zero_stage": 0,
+                                         "global_batch": global_batch, "lanes": world_size,
                                          "config": to_dict(cfg)})
     return str(tag), to_dict(cfg)
 
 
 @pytest.mark.parametrize("key, value", [
-    ("deepspeed.zero_stage", 1), ("deepspeed.precision", "bf16"), ("data.batch_size", 16),
-    ("optim.grad_accum_steps", 2), ("data.workers", 2), ("model.student", "Tiny-ViT-Teacher"),
+    ("deepspeed.zero_stage", 1), ("deepspeed.precision", "bf16"),
+    ("model.student", "Tiny-ViT-Teacher"),
     ("model.teacher", None), ("seed", 3), ("data.train", "y.tar"),
 ])
 def test_resume_refuses_a_changed_setting_in_one_line_naming_it(tmp_path, key, value):
@@ -105,10 +108,26 @@ def test_resume_refuses_a_changed_setting_in_one_line_naming_it(tmp_path, key, v
     assert f"set {key}=" in message  # says what to do
 
 
-def test_resume_refuses_another_world_size_and_accepts_the_same_run(tmp_path):
+def test_resume_on_another_world_size_keeps_the_global_batch(tmp_path):
+    """2 ranks x 32 per step: 1 rank takes 2 micro-batches of 32, 4 ranks 1 of 16 (batch size
+    lowered by the user); 4 ranks of 32 or 3 ranks cannot (one line saying what to set)."""
     tag, config = saved_run(tmp_path, world_size=2)
-    with pytest.raises(ConfigError, match="written by 2 ranks, this run has 1"):
-        check_resume(tag, config, world_size=1)
+    record = check_resume(tag, config, world_size=1)
+    assert resume_accumulation(record, config, 1) == 2
+    assert resume_accumulation(record, config, 2) == 1
+    with pytest.raises(ConfigError, match="16 per rank on 4 ranks, which data.batch_size=32 does "
+                                          "not divide; set data.batch_size=16"):
+        resume_accumulation(record, config, 4)
+    with pytest.raises(ConfigError, match="which 3 ranks cannot share equally: run on a number "
+                                          "of ranks that divides 64"):
+        resume_accumulation(record, config, 3)
+    config["data"]["batch_size"] = 16
+    assert resume_accumulation(record, config, 4) == 1
+    config["data"]["batch_size"] = 32
+    config["model"]["mask"] = {"target_sparsity": 0.5}
+    with pytest.raises(ConfigError, match="needs optim.grad_accum_steps=2, and model.mask needs 1"):
+        resume_accumulation(record, config, 1)
+    config["model"]["mask"] = None
     record = check_resume(tag, config, world_size=2)
     config["optim"]["total_steps"], config["optim"]["lr"] = 8, 1e-3  # these may change
     assert check_resume(tag, config, world_size=2)["step"] == record["step"] == 4
