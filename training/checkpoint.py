@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import shutil
 from dataclasses import asdict, dataclass
 from typing import Any, Optional, Protocol
@@ -28,23 +27,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from training.checkpoint_files import (FORMAT_VERSION, LATEST, RUN_RECORD, read_latest,
-                                       read_run_record)
+from training.checkpoint_files import (FORMAT_VERSION, LATEST, MANIFEST, RUN_RECORD,
+                                       manifest_of, read_latest, read_run_record, step_of,
+                                       verify_tag, weights_only_loads)
 from training.config_files import ConfigError
 from training.distributed import barrier, rank_and_world
 from training.files import write_json_atomic, write_text_atomic
 
 UNIVERSAL = "universal"  # RUN_DIR/checkpoints/universal/<tag>: a conversion in use
-_TAG_RE = re.compile(r"^step-(\d+)$")
 
 
 def tag_for_step(step: int) -> str:
     return f"step-{step:08d}"
-
-
-def _step_of(tag: str) -> Optional[int]:
-    match = _TAG_RE.match(tag)
-    return int(match.group(1)) if match else None
 
 
 # --------------------------------------------------------------------------- parts
@@ -88,7 +82,9 @@ class DataPosition:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+    """The generators' states as tensors and plain Python values (weights_only-loadable)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [name, keys.tolist(), pos, has_gauss, gauss],
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -97,7 +93,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -222,18 +219,24 @@ class CheckpointManager:
         if self.rank == 0:
             write_json_atomic(os.path.join(self.dir, tag, RUN_RECORD),
                               {"format": FORMAT_VERSION, **record})
-        barrier()  # every rank's shards are on disk before `latest` moves
+        barrier()  # every rank's shards are on disk before the manifest and `latest`
         if self.rank == 0:
+            write_json_atomic(os.path.join(self.dir, tag, MANIFEST),
+                              manifest_of(os.path.join(self.dir, tag)))
             write_latest(self.dir, tag)
             self._rotate(newest=tag)
         barrier()
         return os.path.join(self.dir, tag)
 
     def _rotate(self, newest: str) -> None:
-        """Keep the `keep_last` newest complete tags up to `newest`; drop stale partial ones."""
-        newest_step = _step_of(newest)
-        tags = sorted((t for t in os.listdir(self.dir) if _step_of(t) is not None), key=_step_of)
-        kept = [t for t in tags if _step_of(t) <= newest_step][-self.keep_last:]
+        """Keep the `keep_last` newest complete tags up to `newest` (just written and complete:
+        never deleted); drop older or stale partial ones. Complete means a manifest: a tag
+        whose save never finished does not count towards keep_last."""
+        newest_step = step_of(newest)
+        tags = sorted((t for t in os.listdir(self.dir) if step_of(t) is not None), key=step_of)
+        complete = [t for t in tags if step_of(t) <= newest_step
+                    and os.path.isfile(os.path.join(self.dir, t, MANIFEST))]
+        kept = set(complete[-self.keep_last:]) | {newest}
         for tag in tags:
             if tag not in kept:
                 shutil.rmtree(os.path.join(self.dir, tag), ignore_errors=True)
@@ -250,6 +253,7 @@ class CheckpointManager:
             barrier()
             source = self.universal_dir(tag_dir)
         load_dir, tag = os.path.split(source.rstrip("/"))
+        weights_only_loads()  # DeepSpeed's own torch.load calls too: no code from these files
         path, client_state = engine.load_checkpoint(load_dir, tag=tag)
         if universal:
             barrier()
@@ -304,4 +308,5 @@ def resolve_resume(run_dir: str, resume: Optional[str]) -> Optional[str]:
         checkpoints = os.path.join(run_dir, "checkpoints")
         tag = read_latest(checkpoints) if os.path.isdir(checkpoints) else None
         return os.path.join(checkpoints, tag) if tag else None
+    verify_tag(resume)
     return os.path.abspath(resume)

@@ -46,7 +46,8 @@ from training.export import export_checkpoint
 from training.files import write_json_atomic
 from training.losses import DistillationLoss
 from training.metrics import MetricsLogger
-from training.optim import continue_schedule
+from training.optim import continue_schedule, group_settings, restore_group_settings
+from training.run_lock import RunLock
 from training.specs import build_student, model_spec
 from training.task import DistillationTask, FeatureProjection
 from training.teachers import build_teacher_source
@@ -115,6 +116,8 @@ class Trainer:
         and whether this run can continue it), before any process group or model: ValueError /
         ConfigError in one line. Returns (checkpoint tag dir or None, its run record)."""
         cfg = self.cfg
+        self.lock = RunLock(cfg.run_dir)  # one trainer per run_dir; run_dir writable
+        self.lock.acquire()
         self.student_spec = model_spec(cfg.model.student)
         if cfg.model.teacher:
             model_spec(cfg.model.teacher)
@@ -202,6 +205,7 @@ class Trainer:
                 if all_reduce_flag(preempt["set"]):
                     self.save_checkpoint()  # no-op if this step was just saved
                     log.warning(f"preempted at step {progress.step}: checkpoint written")
+                    self.release_lock()
                     return False
         self.finish()
         return True
@@ -344,8 +348,10 @@ class Trainer:
         if self.resume_from is None:
             return
         base_lrs = list(self.scheduler.base_lrs)  # this run's config
+        settings = group_settings(self.scheduler.optimizer)
         self.checkpoints.load(self.engine, self.resume_from, self.checkpoint_parts(),
                               universal=self.universal_resume)
+        restore_group_settings(self.scheduler.optimizer, settings)
         continue_schedule(self.scheduler, base_lrs)
         self.last_checkpoint = self.resume_from
         position = self.data_position
@@ -369,6 +375,12 @@ class Trainer:
                               {"step": step, "samples_seen": self.train_state.samples_seen,
                                "checkpoint": self.last_checkpoint, "time": time.time()})
         self.metrics.close()
+        self.release_lock()
+
+    def release_lock(self) -> None:
+        barrier()  # every rank is done with the run folder
+        if self.dist.is_main:
+            self.lock.release()
 
     def export(self, out_dir: str) -> Optional[str]:
         """The student as a model folder (open_clip format), from the last checkpoint (rank 0)."""
