@@ -17,6 +17,7 @@ exactly; reading checkpoint files offline is training/checkpoint_files.py.
 """
 from __future__ import annotations
 
+import errno
 import os
 import random
 import shutil
@@ -34,6 +35,7 @@ from training.config_files import ConfigError
 from training.distributed import barrier, rank_and_world
 from training.files import write_json_atomic, write_text_atomic
 
+DISK_FULL_BYTES = 16 * 2**20  # a save failing with less free than this failed for want of space
 UNIVERSAL = "universal"  # RUN_DIR/checkpoints/universal/<tag>: a conversion in use
 
 
@@ -198,6 +200,10 @@ def check_total_steps(record: dict, total_steps: int) -> None:
 
 # --------------------------------------------------------------------------- the manager
 
+class CheckpointSaveError(ValueError):
+    """A checkpoint could not be written for a reason the user fixes (a full disk)."""
+
+
 def write_latest(checkpoint_dir: str, tag: str) -> None:
     """Point `latest` at `tag` (atomically: a reader sees the old tag or the new one)."""
     write_text_atomic(os.path.join(checkpoint_dir, LATEST), tag + "\n")
@@ -215,18 +221,42 @@ class CheckpointManager:
         step = record["step"]
         tag = tag_for_step(step)
         client_state = {name: part.state_dict() for name, part in parts.items()}
-        engine.save_checkpoint(self.dir, tag=tag, client_state=client_state, save_latest=False)
-        if self.rank == 0:
-            write_json_atomic(os.path.join(self.dir, tag, RUN_RECORD),
-                              {"format": FORMAT_VERSION, **record})
-        barrier()  # every rank's shards are on disk before the manifest and `latest`
-        if self.rank == 0:
-            write_json_atomic(os.path.join(self.dir, tag, MANIFEST),
-                              manifest_of(os.path.join(self.dir, tag)))
-            write_latest(self.dir, tag)
-            self._rotate(newest=tag)
+        try:
+            engine.save_checkpoint(self.dir, tag=tag, client_state=client_state,
+                                   save_latest=False)
+            if self.rank == 0:
+                write_json_atomic(os.path.join(self.dir, tag, RUN_RECORD),
+                                  {"format": FORMAT_VERSION, **record})
+            barrier()  # every rank's shards are on disk before the manifest and `latest`
+            if self.rank == 0:
+                write_json_atomic(os.path.join(self.dir, tag, MANIFEST),
+                                  manifest_of(os.path.join(self.dir, tag)))
+                write_latest(self.dir, tag)
+                self._rotate(newest=tag)
+        except Exception as err:
+            self._raise_if_disk_full(err, tag)
+            raise
         barrier()
         return os.path.join(self.dir, tag)
+
+    def _raise_if_disk_full(self, err: Exception, tag: str) -> None:
+        """A save that failed for want of space (DeepSpeed's torch.save reports it as a
+        RuntimeError without errno, so the free space decides): CheckpointSaveError in one line.
+        The half-written tag is removed (it has no manifest: resume would ignore it anyway)."""
+        full = isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
+        free = shutil.disk_usage(self.dir).free
+        if not (full or free < DISK_FULL_BYTES):
+            return
+        shutil.rmtree(os.path.join(self.dir, tag), ignore_errors=True)
+        try:
+            previous = read_latest(self.dir)
+        except ValueError:
+            previous = None
+        raise CheckpointSaveError(
+            f"checkpoint {os.path.join(self.dir, tag)}: the disk is full ({free // 2**20} MiB "
+            f"free on the disk holding {self.dir}) while saving it; the last good checkpoint "
+            f"is {previous or 'none'}: free space, then resume with checkpoint.resume=latest") \
+            from None
 
     def _rotate(self, newest: str) -> None:
         """Keep the `keep_last` newest complete tags up to `newest` (just written and complete:
