@@ -13,16 +13,20 @@ import torch
 from training.checkpoint import (CheckpointManager, check_resume, check_total_steps,
                                  read_latest, resolve_resume, resume_accumulation, rng_state,
                                  set_rng_state, tag_for_step, write_latest)
-from training.checkpoint_files import FORMAT_VERSION
+from training.checkpoint_files import FORMAT_VERSION, MANIFEST, manifest_of
 from training.config import ConfigError, DataConfig, ModelConfig, TrainConfig, to_dict
 from training.files import write_json_atomic
 
 
-def make_tags(root, steps):
+def make_tags(root, steps, partial=()):
+    """Tag folders with a model file; complete (with a manifest) unless their step is in
+    `partial` (a save killed midway)."""
     for step in steps:
         tag = root / "checkpoints" / tag_for_step(step)
         tag.mkdir(parents=True)
-        (tag / "mp_rank_00_model_states.pt").write_bytes(b"x")
+        torch.save({"module": {}}, tag / "mp_rank_00_model_states.pt")
+        if step not in partial:
+            write_json_atomic(tag / MANIFEST, manifest_of(tag))
 
 
 def test_latest_is_replaced_atomically(tmp_path, monkeypatch):
@@ -39,7 +43,7 @@ def test_latest_is_replaced_atomically(tmp_path, monkeypatch):
 
 
 def test_resume_latest_ignores_a_newer_partial_checkpoint(tmp_path):
-    make_tags(tmp_path, [2, 4, 6])  # step 6: killed mid-save, latest never moved
+    make_tags(tmp_path, [2, 4, 6], partial=[6])  # step 6: killed mid-save, latest not moved
     manager = CheckpointManager(str(tmp_path), keep_last=2, rank=0)
     write_latest(manager.dir, "step-00000004")
     assert resolve_resume(str(tmp_path), "latest") == os.path.join(manager.dir, "step-00000004")
@@ -47,22 +51,26 @@ def test_resume_latest_ignores_a_newer_partial_checkpoint(tmp_path):
 
 def test_resume_latest_without_checkpoint_starts_fresh(tmp_path):
     assert resolve_resume(str(tmp_path), "latest") is None
-    make_tags(tmp_path, [2])  # a partial first save: still nothing to resume from
+    make_tags(tmp_path, [2], partial=[2])  # a partial first save: nothing to resume from
     assert resolve_resume(str(tmp_path), "latest") is None
     assert resolve_resume(str(tmp_path), None) is None
     tag = str(tmp_path / "checkpoints" / "step-00000002")
+    with pytest.raises(ValueError, match="incomplete checkpoint"):
+        resolve_resume(str(tmp_path), tag)
+    write_json_atomic(tmp_path / "checkpoints" / "step-00000002" / MANIFEST,
+                      manifest_of(tmp_path / "checkpoints" / "step-00000002"))
     assert resolve_resume(str(tmp_path), tag).endswith("step-00000002")
 
 
-def test_dangling_latest_is_an_error(tmp_path):
+def test_dangling_latest_without_any_checkpoint_is_an_error(tmp_path):
     (tmp_path / "checkpoints").mkdir()
     write_latest(str(tmp_path / "checkpoints"), "step-00000008")
-    with pytest.raises(FileNotFoundError, match="step-00000008"):
+    with pytest.raises(ValueError, match="names 'step-00000008'.*refusing to restart from step 0"):
         read_latest(str(tmp_path / "checkpoints"))
 
 
 def test_rotation_keeps_the_newest_and_drops_stale_partials(tmp_path):
-    make_tags(tmp_path, [2, 4, 6, 8, 12])  # 12: a partial from a run killed before resuming at 6
+    make_tags(tmp_path, [2, 4, 6, 8, 12], partial=[12])  # 12: killed before resuming at 6
     manager = CheckpointManager(str(tmp_path), keep_last=2, rank=0)
     (tmp_path / "checkpoints" / "unrelated").mkdir()
     manager._rotate(newest="step-00000008")
