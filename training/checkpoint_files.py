@@ -86,11 +86,8 @@ def safe_load(path: str | os.PathLike) -> dict:
 # --------------------------------------------------------------------------- the manifest
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _tag_files(tag_dir: Path) -> list[Path]:
