@@ -192,8 +192,10 @@ class Trainer:
             save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
             write_json_atomic(os.path.join(cfg.run_dir, "deepspeed_config.json"),
                               deepspeed_config(cfg, self.dist.world_size))
+        dropped = self.make_loader(self.data_position.epoch).plan.dropped
         log.info(f"training {self.total_steps} steps from step {progress.step}: "
-                 f"{self.samples_per_step} samples/step, {self.steps_per_epoch} steps/epoch, "
+                 f"{self.samples_per_step} samples/step, {self.steps_per_epoch} steps/epoch "
+                 f"({dropped} samples per epoch dropped: less than a global batch), "
                  f"world {self.dist.world_size}, ZeRO-{cfg.deepspeed.zero_stage}, "
                  f"{cfg.deepspeed.precision}")
         with preemption_flag() as preempt:
@@ -302,6 +304,7 @@ class Trainer:
             means /= self.dist.world_size
         out = dict(zip(names, means.tolist()))
         out.update(zip(data, sums.tolist()))
+        out["data/samples_dropped"] = self.loader.plan.dropped  # per epoch, the same on every rank
         out["epoch"] = self.data_position.epoch
         return out
 

@@ -81,6 +81,17 @@ def test_resume_on_another_world_size_continues_with_the_unseen_samples(shards):
     assert [b["key"] for b in rest] == [b["key"] for b in full[8:]]
 
 
+def test_ranks_that_share_a_lane_take_the_same_samples_as_one_rank(shards):
+    """A 2-lane order (a run started on 2 ranks) continued on 3 ranks: rank 1's positions span
+    both lanes; together the 3 ranks take what 1 rank with 3 micro-batches takes."""
+    cfg = exact(shards, batch_size=4)
+    three = [list(train_loader(cfg, rank=r, world_size=3, lanes=2)) for r in range(3)]
+    one = list(train_loader(cfg, accum=3, lanes=2))
+    assert len(one) == 3 * len(three[0]) == 3 * (500 // 2 // 6)
+    assert [b["key"] for b in one] == [three[r][s]["key"] for s in range(len(three[0]))
+                                       for r in range(3)]
+
+
 def test_one_shard_is_enough_for_two_ranks(shards):
     cfg = exact(shards, train=str(shards["train"] / "shard-000000.tar"))
     keys = [k for r in range(2) for b in train_loader(cfg, rank=r, world_size=2) for k in b["key"]]
