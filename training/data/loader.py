@@ -95,16 +95,15 @@ class _TrainStream(IterableDataset):
         for position in self.plan.positions(index):
             raw = reader.fetch(order.sequence_index(position))
             if isinstance(raw, str):  # its shard lacked it (order.read_from)
-                account.skip("missing_from_shard", raw)
-                items.append(None), urls.append(raw)
-                continue
-            sample = check_sample(raw)
-            urls.append(raw["__url__"])
-            if isinstance(sample, str):
-                account.skip(sample, raw["__url__"])
+                url, sample = raw, "missing_from_shard"
+            else:
+                url, sample = raw["__url__"], check_sample(raw)
+            urls.append(url)
+            if isinstance(sample, str):  # the reason it cannot be used
+                account.skip(sample, url)
                 items.append(None)
                 continue
-            account.ok(raw["__url__"])
+            account.ok(url)
             rng = random.Random(f"sample:{self.seed}:{self.epoch}:{position}")
             items.append(self._prepare(sample, rng, account))
         usable = [item for item in items if item is not None]
