@@ -2,18 +2,23 @@
 
 Layout under RUN_DIR/checkpoints/: one DeepSpeed tag directory per save (`step-00000100/`) holding
 DeepSpeed's files (the task module, optimizer, scheduler, our client state) plus our own
-`run.json`, and our own `latest` file naming the newest COMPLETE tag. DeepSpeed is told
-`save_latest=False`; `latest` is written only after every rank has finished writing (barrier),
-atomically, so a run killed mid-save leaves `latest` on the previous good checkpoint and a partial
-tag directory that resume ignores (and the next save overwrites or rotation deletes).
+`run.json` and `manifest.json` (every file's size and sha256), and our own `latest` file naming
+the newest COMPLETE tag. DeepSpeed is told `save_latest=False`; after every rank has written
+(barrier) rank 0 writes the manifest, then `latest`, atomically, so a run killed mid-save leaves
+`latest` on the previous good checkpoint and a tag without manifest that resume ignores (and
+rotation deletes). A `latest` that is damaged falls back to the newest tag that verifies
+(training/checkpoint_files.py), never to step 0 while checkpoints exist. Every load is
+weights_only (checkpoint_files.weights_only_loads), DeepSpeed's own included.
 
 The client state is a dict of named parts, each saving and loading itself (CheckpointPart):
-`train_state` (steps, samples), `data_position` (epoch, batches consumed), `rng` (every rank's
-generators). The task's own non-parameter state rides in the module's state dict
-(training/task.py). `run.json` (JSON, read without unpickling anything) records what the run
-was: the resolved config, world size, ZeRO stage, step. Before anything is built, `check_resume`
-compares it with the new run and refuses, in one line naming the setting, what cannot continue
-exactly; reading checkpoint files offline is training/checkpoint_files.py.
+`train_state` (steps, samples), `data_position` (epoch and the samples of it trained: a global
+count, valid on any world size), `rng` (every rank's generators). The task's own non-parameter
+state rides in the module's state dict (training/task.py). `run.json` (JSON, read without
+unpickling anything) records what the run was: the resolved config, world size, ZeRO stage, the
+global batch and the epoch order's lanes, the step. Before anything is built, `check_resume`
+compares it with the new run and refuses, in one line naming the setting, what cannot continue;
+another world size continues with the accumulation steps that keep the global batch
+(`resume_accumulation`) and, at ZeRO 1-3, DeepSpeed's universal form of the tag (`to_universal`).
 """
 from __future__ import annotations
 
