@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from tests.helpers.trainer import REPO_ROOT
+from tests.helpers.trainer import REPO_ROOT, TINY_DISTILL
 from training.checkpoint import CheckpointManager, resolve_resume, tag_for_step
 from training.checkpoint_files import (MANIFEST, check_loadable, find_tag_dir, manifest_of,
                                        read_latest, verify_tag)
@@ -189,3 +190,23 @@ def test_a_run_dir_that_cannot_be_written_is_one_line(tmp_path):
     with pytest.raises(ValueError, match=r"run_dir .*file/run: cannot be created \(Not a "
                                          r"directory\)"):
         RunLock(str(tmp_path / "file" / "run")).acquire()
+
+
+def test_clip_train_on_a_run_dir_in_use_is_one_line_exit_2(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        run_dir = tmp_path / "run"
+        run_dir.mkdir()
+        (run_dir / LOCK).write_text(json.dumps({"token": "slurm:999", "pid": holder.pid,
+                                                "host": socket.gethostname(), "started": "x"}))
+        result = subprocess.run(
+            [sys.executable, "-m", "training", "--config", TINY_DISTILL, "data.train=x.tar",
+             f"run_dir={run_dir}", "model.teacher_pretrained=null"],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+            env={**os.environ, "SLURM_JOB_ID": "1000"})
+    finally:
+        holder.kill()
+        holder.wait()
+    line = one_line(result)
+    assert "another trainer runs in it (job slurm:999, pid" in line and str(run_dir) in line
+    assert sorted(p.name for p in run_dir.iterdir()) == [LOCK]  # nothing else written

@@ -57,7 +57,7 @@ class _TrainStream(IterableDataset):
         self.tokenizer, self.teacher_tokenizer = tokenizer, teacher_tokenizer
         self.seed, self.rank, self.epoch, self.skip_batches = seed, rank, epoch, skip_batches
         self.stream = stream  # resampled: seeds the draws (a new world size draws anew)
-        self._repeated = 0
+        self._repeated, self._reserve = 0, []
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -75,7 +75,7 @@ class _TrainStream(IterableDataset):
     def _batches(self, worker: int) -> Iterator[dict]:
         cfg, plan = self.cfg, self.plan
         account = SampleAccount(cfg.max_corrupt_fraction, cfg.corrupt_min_samples)
-        self._repeated = 0
+        self._repeated, self._reserve = 0, []
         if plan.worker_batches(worker, before=self.skip_batches) >= plan.worker_batches(worker):
             return
         if plan.resampled:
@@ -90,7 +90,8 @@ class _TrainStream(IterableDataset):
                      worker: int) -> dict:
         """This rank's micro-batch `index`: the samples at its global positions (plan.py), each
         prepared with its own seeded RNG. An unusable sample is counted and its place taken by
-        a usable one of the same batch (counted as repeated): batches keep their size."""
+        a usable one of the same batch (or, when it has none, of this worker's previous batch;
+        counted as repeated): batches keep their size. No usable sample yet: one-line DataError."""
         order, items, urls = self.plan.order, [], []
         for position in self.plan.positions(index):
             raw = reader.fetch(order.sequence_index(position))
@@ -106,12 +107,13 @@ class _TrainStream(IterableDataset):
             account.ok(url)
             rng = random.Random(f"sample:{self.seed}:{self.epoch}:{position}")
             items.append(self._prepare(sample, rng, account))
-        usable = [item for item in items if item is not None]
+        usable = [item for item in items if item is not None] or self._reserve
         if not usable:
             raise DataError(f"data.train: no usable sample in batch {index} of rank {self.rank} "
                             f"(epoch {self.epoch}; samples from {sorted(set(urls))[0]}): "
                             f"{dict(account.skipped)}")
-        self._repeated += len(items) - len(usable)
+        self._reserve = usable  # stand-ins for a later batch with none (a shard cut short)
+        self._repeated += sum(item is None for item in items)
         batch = self._collate([item if item is not None else usable[k % len(usable)]
                                for k, item in enumerate(items)])
         batch["__worker__"] = worker
