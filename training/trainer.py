@@ -192,12 +192,14 @@ class Trainer:
             save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
             write_json_atomic(os.path.join(cfg.run_dir, "deepspeed_config.json"),
                               deepspeed_config(cfg, self.dist.world_size))
-        dropped = self.make_loader(self.data_position.epoch).plan.dropped
         log.info(f"training {self.total_steps} steps from step {progress.step}: "
-                 f"{self.samples_per_step} samples/step, {self.steps_per_epoch} steps/epoch "
-                 f"({dropped} samples per epoch dropped: less than a global batch), "
+                 f"{self.samples_per_step} samples/step, {self.steps_per_epoch} steps/epoch, "
                  f"world {self.dist.world_size}, ZeRO-{cfg.deepspeed.zero_stage}, "
                  f"{cfg.deepspeed.precision}")
+        dropped = self.make_loader(self.data_position.epoch).plan.dropped
+        if dropped:
+            log.info(f"{dropped} samples per epoch are not trained on (fewer than the global "
+                     f"batch of {self.samples_per_step} left at the end of the epoch's order)")
         with preemption_flag() as preempt:
             for micro_batches, data_wait_s in self.step_batches():
                 values = self.train_step(micro_batches)
@@ -210,6 +212,7 @@ class Trainer:
                     self.release_lock()
                     return False
         self.finish()
+        self.release_lock()
         return True
 
     def step_batches(self) -> Iterator[tuple[list[dict], float]]:
@@ -378,7 +381,6 @@ class Trainer:
                               {"step": step, "samples_seen": self.train_state.samples_seen,
                                "checkpoint": self.last_checkpoint, "time": time.time()})
         self.metrics.close()
-        self.release_lock()
 
     def release_lock(self) -> None:
         barrier()  # every rank is done with the run folder
