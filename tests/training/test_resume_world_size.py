@@ -96,13 +96,14 @@ def test_every_sample_of_the_epoch_is_trained_once_across_world_sizes(runs):
     assert sorted(len(to1[s]["keys"]) for s in to1) == [16] * 5  # the global batch kept
 
 
-def test_the_resumed_runs_record_their_world_and_drop_the_conversion(runs):
+def test_the_resumed_runs_record_their_world_and_drop_the_conversion_and_lock(runs):
     for name, world, accum in (("to1", 1, 2), ("to2", 2, 1)):
         record = json.loads((runs[name] / "checkpoints" / "step-00000008" / "run.json")
                             .read_text())
         assert (record["world_size"], record["global_batch"], record["lanes"]) == (world, 16, 2)
         assert record["config"]["optim"]["grad_accum_steps"] == accum
         assert not (runs[name] / "checkpoints" / "universal").exists()
+        assert not (runs[name] / ".lock").exists()  # released when the run ended
         assert read_metrics(runs[name])[-1]["step"] == STEPS
 
 
