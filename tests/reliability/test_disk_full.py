@@ -1,4 +1,4 @@
-"""A disk that fills up while a checkpoint is written (issue 14): one line that says "disk", the
+"""A disk that fills up while a checkpoint is written, and a read-only one (issue 14): one line that says "disk", the
 half-written tag gone, `latest` still on the previous good checkpoint. The disk is a real 1 MiB
 tmpfs (needs mount rights: skipped without them); the engine is a stand-in writing its file with
 torch.save as DeepSpeed does."""
@@ -13,6 +13,7 @@ import torch
 
 from training.checkpoint import CheckpointManager, CheckpointSaveError
 from training.checkpoint_files import read_latest
+from training.run_lock import RunLock
 
 
 class FileEngine:
@@ -50,3 +51,17 @@ def test_disk_full_during_a_save_is_one_line_and_keeps_the_last_good_checkpoint(
     assert "step-00000004" in message and "the last good checkpoint is step-00000002" in message
     assert read_latest(manager.dir) == "step-00000002"
     assert sorted(p.name for p in Path(manager.dir).iterdir() if p.is_dir()) == ["step-00000002"]
+
+
+def test_a_read_only_run_dir_is_one_line_before_anything_is_built(tmp_path):
+    disk = tmp_path / "ro"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(disk)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("no right to mount a read-only tmpfs here")
+    try:
+        with pytest.raises(ValueError) as err:
+            RunLock(str(disk / "run")).acquire()
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+    assert str(err.value) == f"run_dir {disk / 'run'}: cannot be created (Read-only file system)"
