@@ -41,3 +41,10 @@ def test_a_text_file_named_safetensors_as_teacher_is_refused(tmp_path):
         load_config(TINY_DISTILL, BASE + [f"model.teacher_pretrained={fake}"])
     assert "\n" not in str(err.value)
     assert f"key model.teacher_pretrained: {fake} is not a safetensors file" in str(err.value)
+
+
+def test_a_yaml_file_that_is_not_utf8_is_one_line_naming_it(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_bytes(b"seed: 1\nrun_dir: \xff\xfe\n")
+    with pytest.raises(ConfigError, match=rf"^{recipe}: not UTF-8 text \(byte 17 is 0xff\)$"):
+        load_config(str(recipe), BASE)
