@@ -57,7 +57,8 @@ class RunLock:
         try:
             os.makedirs(self.run_dir, exist_ok=True)
         except OSError as err:
-            raise ValueError(f"run_dir {self.run_dir}: cannot be created ({err.strerror})") from None
+            raise ValueError(f"run_dir {self.run_dir}: cannot be created ({err.strerror})"
+                             ) from None
         for _ in range(attempts):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)

@@ -1,7 +1,7 @@
-"""A disk that fills up while a checkpoint is written, and a read-only one (issue 14): one line that says "disk", the
-half-written tag gone, `latest` still on the previous good checkpoint. The disk is a real 1 MiB
-tmpfs (needs mount rights: skipped without them); the engine is a stand-in writing its file with
-torch.save as DeepSpeed does."""
+"""A disk that fills up while a checkpoint is written, and a read-only one (issue 14): one line
+that says "disk", the half-written tag gone, `latest` still on the previous good checkpoint. The
+disks are real tmpfs mounts (1 MiB; read-only), skipped without the right to mount; the engine is
+a stand-in writing its file with torch.save as DeepSpeed does."""
 from __future__ import annotations
 
 import os
