@@ -60,6 +60,7 @@ class JobSpec:
     run_dir: str
     overrides: list[str] = field(default_factory=list)
     nodes: int = 1
+    min_nodes: int | None = None  # set: SLURM may start (or requeue) the job on min_nodes..nodes
     gpus_per_node: int = 0  # 0: CPU ranks (gloo)
     ranks_per_node: int | None = None  # default: gpus_per_node, or 1 without GPUs
     cpus_per_task: int | None = None  # CPUs of the node's one task (shared by its ranks)
@@ -100,6 +101,9 @@ def parse_time(value: str) -> int | None:
 
 def validate(spec: JobSpec) -> None:
     """Check every option; raise SubmitError naming the first bad one."""
+    if spec.min_nodes is not None and not 1 <= spec.min_nodes <= spec.nodes:
+        raise SubmitError(f"--min-nodes {spec.min_nodes}: must be between 1 and --nodes "
+                          f"{spec.nodes}")
     for name in ("nodes", "cpus_per_task", "ranks_per_node"):
         value = getattr(spec, name)
         if value is not None and value < 1:
@@ -169,7 +173,10 @@ def directives(spec: JobSpec) -> list[str]:
     """The #SBATCH lines, in the order a reader expects them."""
     # Default job name: the run directory's name, with characters SLURM would choke on replaced.
     name = spec.job_name or re.sub(r"[^A-Za-z0-9_.+-]", "_", Path(spec.run_dir).name) or "clip-distill"
-    lines = [f"--job-name={name}", f"--nodes={spec.nodes}", "--ntasks-per-node=1"]
+    # A node range lets a requeued job come back on fewer nodes: the trainer resumes on any
+    # world size that keeps the global batch (docs/training.md, "Resuming on another size").
+    nodes = f"{spec.min_nodes}-{spec.nodes}" if spec.min_nodes else str(spec.nodes)
+    lines = [f"--job-name={name}", f"--nodes={nodes}", "--ntasks-per-node=1"]
     optional = [("gpus-per-node", spec.gpus_per_node or None), ("cpus-per-task", spec.cpus_per_task),
                 ("mem", spec.mem), ("time", spec.time), ("partition", spec.partition),
                 ("account", spec.account), ("qos", spec.qos), ("constraint", spec.constraint)]
@@ -231,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="section.key=value overrides for the trainer")
     p.add_argument("--run-dir", required=True, help="run directory (checkpoints, logs, metrics)")
     p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--min-nodes", type=int, default=None,
+                   help="accept (and requeue onto) as few as this many nodes; the run resumes "
+                        "on the node count it gets")
     p.add_argument("--gpus-per-node", type=int, default=0, help="0: CPU ranks")
     p.add_argument("--ranks-per-node", type=int, default=None,
                    help="default: --gpus-per-node, or 1 without GPUs")

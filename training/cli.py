@@ -80,10 +80,11 @@ def main(argv=None) -> int:
         trainer = Trainer(cfg)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         return fail(err)
+    from training.checkpoint import CheckpointSaveError
     from training.data import DataError
     try:
         trainer.train()
-    except DataError as err:  # e.g. too many corrupt samples: the data's fault, not a bug
+    except (DataError, CheckpointSaveError) as err:  # too many corrupt samples, a full disk
         return fail(err)
     return 0
 

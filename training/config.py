@@ -12,6 +12,7 @@ model is built. The resolved config is saved to RUN_DIR/config.yaml and into eve
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -33,6 +34,16 @@ __all__ = ["ConfigError", "DataConfig", "ModelConfig", "TrainConfig", "load_conf
 def _require(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"key {key}: {message}")
+
+
+def _is_safetensors(path: str) -> bool:
+    """The file's safetensors header parses (reads the header only)."""
+    from safetensors import safe_open
+    try:
+        with safe_open(path, framework="pt"):
+            return True
+    except Exception:  # safetensors raises its own SafetensorError (and OSError, ValueError)
+        return False
 
 
 def _cuda_available(cuda_available: Optional[bool]) -> bool:
@@ -84,6 +95,11 @@ class ModelConfig:
                  or not pretrained.endswith(WEIGHT_FILE_SUFFIXES)
                  or os.path.isfile(pretrained), "model.teacher_pretrained",
                  f"file not found: {pretrained}")
+        for key, path in (("model.student_init", self.student_init),
+                          ("model.teacher_pretrained", pretrained if self.teacher else None)):
+            if path is not None and path.endswith(".safetensors") and os.path.isfile(path):
+                _require(_is_safetensors(path), key, f"{path} is not a safetensors file (its "
+                         f"header does not parse)")
         if self.mask is not None:
             self.mask.validate()
 
@@ -134,6 +150,9 @@ class OptimConfig:
                  "must be > 0")
         _require(self.epochs is None or self.epochs > 0, "optim.epochs", "must be > 0")
         _require(self.lr > 0, "optim.lr", "must be > 0")
+        _require(self.weight_decay >= 0, "optim.weight_decay",
+                 f"must be >= 0, got {self.weight_decay}")
+        _require(self.eps > 0, "optim.eps", f"must be > 0, got {self.eps}")
         _require(0 <= self.min_lr <= self.lr, "optim.min_lr", "must be between 0 and optim.lr")
         _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
                  "must be two numbers in [0, 1)")
@@ -206,6 +225,9 @@ class EvalConfig:
         _require(self.every_steps >= 0, "eval.every_steps", "must be >= 0")
         _require(self.every_steps == 0 or self.val or self.zeroshot, "eval.every_steps",
                  "> 0 but neither eval.val nor eval.zeroshot is set")
+        _require(self.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(self.max_samples is None or self.max_samples >= 1, "eval.max_samples",
+                 f"must be >= 1 or null, got {self.max_samples}")
 
 
 @dataclass
@@ -252,8 +274,20 @@ def load_config(path: Optional[str] = None, overrides: List[str] = (), *,
     try:
         cfg.validate(cuda_available)
     except ConfigError as err:
-        raise ConfigError(f"{path or '<config>'}: {err}") from None
+        raise ConfigError(f"{_source_of(str(err), path, overrides)}: {err}") from None
     return cfg
+
+
+def _source_of(message: str, path: Optional[str], overrides: List[str]) -> str:
+    """Where the value a validation error names came from: the last override that set its key
+    (or a section holding it), else the YAML file."""
+    match = re.match(r"key ([\w.]+)", message)
+    key = match.group(1) if match else None
+    for item in reversed(list(overrides)):
+        name = item.split("=", 1)[0].strip()
+        if key is not None and (key == name or key.startswith(name + ".")):
+            return f"override {item!r}"
+    return path or "<config>"
 
 
 def to_dict(cfg: TrainConfig) -> dict:

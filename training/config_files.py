@@ -29,6 +29,9 @@ def load_yaml(path: str) -> object:
         raise ConfigError(f"{path}: config file not found")
     try:
         return OmegaConf.load(path)
+    except UnicodeDecodeError as err:
+        byte = err.object[err.start]
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start} is {byte:#04x})") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark else ""

@@ -11,8 +11,10 @@ from training.config import TrainConfig
 from training.optim import build_optimizer, build_scheduler
 
 
-def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
-    """DeepSpeed's config dict for this run (also written into the run dir for reference)."""
+def deepspeed_config(cfg: TrainConfig, world_size: int, load_universal: bool = False) -> dict:
+    """DeepSpeed's config dict for this run (also written into the run dir for reference).
+    `load_universal`: the checkpoint to resume is in DeepSpeed's universal form (another world
+    size at ZeRO 1-3, training/checkpoint.py)."""
     ds, optim = cfg.deepspeed, cfg.optim
     micro = cfg.data.batch_size
     config = {
@@ -28,11 +30,13 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,  # our metrics.py logs; keep DeepSpeed's own log quiet
         "wall_clock_breakdown": False,
+        "checkpoint": {"load_universal": load_universal},
     }
     return config
 
 
-def build_engine(task, cfg: TrainConfig, *, total_steps: int, world_size: int):
+def build_engine(task, cfg: TrainConfig, *, total_steps: int, world_size: int,
+                 load_universal: bool = False):
     """deepspeed.initialize over the task module (training/task.py) with its AdamW groups and
     our warm-up/cosine schedule.
 
@@ -47,5 +51,5 @@ def build_engine(task, cfg: TrainConfig, *, total_steps: int, world_size: int):
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
     engine, _, _, scheduler = deepspeed.initialize(
         model=task, optimizer=optimizer, lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, world_size), dist_init_required=False)
+        config=deepspeed_config(cfg, world_size, load_universal), dist_init_required=False)
     return engine, scheduler

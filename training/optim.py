@@ -53,6 +53,25 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig,
     return LambdaLR(optimizer, factors)
 
 
+def group_settings(optimizer: torch.optim.Optimizer) -> list[dict]:
+    """Each parameter group's hyperparameters (weight decay, betas, eps, rate, ...)."""
+    return [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+
+
+def restore_group_settings(optimizer: torch.optim.Optimizer, settings: list[dict]) -> None:
+    """After a resume: this run's hyperparameters per group, and one step counter per state.
+
+    DeepSpeed 0.19.7's universal load at ZeRO-3 copies group 0's hyperparameters onto every
+    group (weight decay on the no-decay group), and gives every group's state the very same
+    `step` tensor, which AdamW then increments once per group per step (a wrong bias
+    correction from the first resumed step on)."""
+    for group, saved in zip(optimizer.param_groups, settings):
+        group.update(saved)
+    for state in optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+
+
 def continue_schedule(scheduler: LambdaLR, base_lrs: list[float]) -> None:
     """After a resume: this run's schedule (its base rates and total steps) at the restored step.
 

@@ -35,7 +35,8 @@ import torch.distributed as dist
 from training import models
 from training.accumulation import with_live_micro_batch
 from training.checkpoint import (CheckpointManager, DataPosition, RngStates, TrainState,
-                                 check_resume, check_total_steps, resolve_resume, tag_for_step)
+                                 check_resume, check_total_steps, resolve_resume,
+                                 resume_accumulation, tag_for_step)
 from training.config import TrainConfig, save_config, to_dict
 from training.data import build_train_loader
 from training.data.sources import parse_sources
@@ -45,7 +46,8 @@ from training.export import export_checkpoint
 from training.files import write_json_atomic
 from training.losses import DistillationLoss
 from training.metrics import MetricsLogger
-from training.optim import continue_schedule
+from training.optim import continue_schedule, group_settings, restore_group_settings
+from training.run_lock import RunLock
 from training.specs import build_student, model_spec
 from training.task import DistillationTask, FeatureProjection
 from training.teachers import build_teacher_source
@@ -93,14 +95,12 @@ class Trainer:
         self.loss_fn = DistillationLoss.from_config(cfg.loss)
         self.train_state, self.data_position = TrainState(), DataPosition()
         self.steps_per_epoch = len(self.make_loader(epoch=0)) // cfg.optim.grad_accum_steps
-        if self.steps_per_epoch < 1:
-            raise ValueError(f"data.train: fewer than optim.grad_accum_steps="
-                             f"{cfg.optim.grad_accum_steps} batches per epoch per rank")
         self.total_steps = cfg.optim.total_steps or cfg.optim.epochs * self.steps_per_epoch
         if resume_record is not None:
             check_total_steps(resume_record, self.total_steps)
         self.engine, self.scheduler = build_engine(
-            self.task, cfg, total_steps=self.total_steps, world_size=self.dist.world_size)
+            self.task, cfg, total_steps=self.total_steps, world_size=self.dist.world_size,
+            load_universal=self.universal_resume)
         self.checkpoints = CheckpointManager(cfg.run_dir, cfg.checkpoint.keep_last,
                                              self.dist.rank)
         self.last_checkpoint: Optional[str] = None
@@ -116,15 +116,33 @@ class Trainer:
         and whether this run can continue it), before any process group or model: ValueError /
         ConfigError in one line. Returns (checkpoint tag dir or None, its run record)."""
         cfg = self.cfg
+        self.lock = RunLock(cfg.run_dir)  # one trainer per run_dir; run_dir writable
+        self.lock.acquire()
         self.student_spec = model_spec(cfg.model.student)
         if cfg.model.teacher:
             model_spec(cfg.model.teacher)
         parse_sources(cfg.data.train, cfg.data.train_weights)  # local shards exist
+        world_size = rank_info_from_env(dict(os.environ), cfg.deepspeed.backend).world_size
         tag_dir = resolve_resume(cfg.run_dir, cfg.checkpoint.resume)
+        # The epoch order's lanes (training/data/order.py): fixed by the run's first world size.
+        self.lanes, self.universal_resume = world_size * cfg.optim.grad_accum_steps, False
+        self.resume_changes_streams = False  # resampled draws are per (rank, worker)
         if tag_dir is None:
             return None, None
-        world_size = rank_info_from_env(dict(os.environ), cfg.deepspeed.backend).world_size
-        return tag_dir, check_resume(tag_dir, to_dict(cfg), world_size)
+        record = check_resume(tag_dir, to_dict(cfg), world_size)
+        self.lanes = record["lanes"]
+        accum = resume_accumulation(record, to_dict(cfg), world_size)
+        if accum != cfg.optim.grad_accum_steps:
+            log.warning(f"resuming {record['world_size']}-rank checkpoint on {world_size} ranks: "
+                        f"optim.grad_accum_steps={accum} (was {cfg.optim.grad_accum_steps}) keeps "
+                        f"its global batch of {record['global_batch']} samples per step")
+            cfg.optim.grad_accum_steps = accum
+        # Optimizer partitions of another world size: DeepSpeed's universal checkpoint.
+        self.universal_resume = (record["world_size"] != world_size
+                                 and record["zero_stage"] > 0)
+        self.resume_changes_streams = (record["world_size"] != world_size or
+                                       record["config"]["data"]["workers"] != cfg.data.workers)
+        return tag_dir, record
 
     # ---- components (one method each, swappable) -------------------------------------------
     def build_student(self) -> torch.nn.Module:
@@ -159,7 +177,8 @@ class Trainer:
             teacher_preprocess=teacher.preprocess_cfg if teacher is not None else None,
             tokenizer=student_tokenizer, teacher_tokenizer=teacher_tokenizer,
             rank=self.dist.rank, world_size=self.dist.world_size, epoch=epoch,
-            skip_batches=skip_batches)
+            skip_batches=skip_batches, accum=self.cfg.optim.grad_accum_steps, lanes=self.lanes,
+            stream=self.data_position.stream if epoch == self.data_position.epoch else "")
 
     @property
     def samples_per_step(self) -> int:
@@ -177,6 +196,10 @@ class Trainer:
                  f"{self.samples_per_step} samples/step, {self.steps_per_epoch} steps/epoch, "
                  f"world {self.dist.world_size}, ZeRO-{cfg.deepspeed.zero_stage}, "
                  f"{cfg.deepspeed.precision}")
+        dropped = self.make_loader(self.data_position.epoch).plan.dropped
+        if dropped:
+            log.info(f"{dropped} samples per epoch are not trained on (fewer than the global "
+                     f"batch of {self.samples_per_step} left at the end of the epoch's order)")
         with preemption_flag() as preempt:
             for micro_batches, data_wait_s in self.step_batches():
                 values = self.train_step(micro_batches)
@@ -186,15 +209,19 @@ class Trainer:
                 if all_reduce_flag(preempt["set"]):
                     self.save_checkpoint()  # no-op if this step was just saved
                     log.warning(f"preempted at step {progress.step}: checkpoint written")
+                    self.release_lock()
                     return False
         self.finish()
+        self.release_lock()
         return True
 
     def step_batches(self) -> Iterator[tuple[list[dict], float]]:
-        """Groups of grad_accum_steps micro-batches, resuming at the saved data position."""
+        """Groups of grad_accum_steps micro-batches, resuming at the saved data position (a
+        global sample count: this rank skips its micro-batches of the steps trained)."""
         accum, position = self.cfg.optim.grad_accum_steps, self.data_position
         while self.train_state.step < self.total_steps:
-            self.loader = self.make_loader(position.epoch, position.batches_in_epoch)
+            steps_done = position.samples // self.samples_per_step
+            self.loader = self.make_loader(position.epoch, steps_done * accum)
             # The loader draws from the global torch RNG (the iterator's base seed; with 0
             # workers, reading samples in this process, skipped ones included, though its own
             # randomness is seeded). Keep those draws out of the training stream (a masked
@@ -202,15 +229,15 @@ class Trainer:
             with torch.random.fork_rng(devices=[]):
                 batches = iter(self.loader)
             start = time.perf_counter()
-            for _ in range(self.steps_per_epoch - position.batches_in_epoch // accum):
+            for _ in range(self.steps_per_epoch - steps_done):
                 with torch.random.fork_rng(devices=[]):
                     group = [next(batches) for _ in range(accum)]
-                position.batches_in_epoch += accum
+                position.samples += self.samples_per_step
                 yield group, time.perf_counter() - start
                 if self.train_state.step >= self.total_steps:
                     return
                 start = time.perf_counter()
-            position.epoch, position.batches_in_epoch = position.epoch + 1, 0
+            position.epoch, position.samples, position.stream = position.epoch + 1, 0, ""
 
     def train_step(self, micro_batches: list[dict]) -> dict[str, torch.Tensor]:
         """One optimizer step over the micro-batches; the gradient is the full batch's."""
@@ -280,6 +307,7 @@ class Trainer:
             means /= self.dist.world_size
         out = dict(zip(names, means.tolist()))
         out.update(zip(data, sums.tolist()))
+        out["data/samples_dropped"] = self.loader.plan.dropped  # per epoch, the same on every rank
         out["epoch"] = self.data_position.epoch
         return out
 
@@ -308,7 +336,8 @@ class Trainer:
     def run_record(self) -> dict:
         """The JSON facts of this run a resume is checked against (checkpoint.check_resume)."""
         return {"step": self.train_state.step, "total_steps": self.total_steps,
-                "world_size": self.dist.world_size,
+                "world_size": self.dist.world_size, "global_batch": self.samples_per_step,
+                "lanes": self.lanes,
                 "zero_stage": self.cfg.deepspeed.zero_stage, "config": to_dict(self.cfg)}
 
     def save_checkpoint(self) -> str:
@@ -325,11 +354,17 @@ class Trainer:
         if self.resume_from is None:
             return
         base_lrs = list(self.scheduler.base_lrs)  # this run's config
-        self.checkpoints.load(self.engine, self.resume_from, self.checkpoint_parts())
+        settings = group_settings(self.scheduler.optimizer)
+        self.checkpoints.load(self.engine, self.resume_from, self.checkpoint_parts(),
+                              universal=self.universal_resume)
+        restore_group_settings(self.scheduler.optimizer, settings)
         continue_schedule(self.scheduler, base_lrs)
         self.last_checkpoint = self.resume_from
+        position = self.data_position
+        if self.cfg.data.resampled and self.resume_changes_streams:
+            position.stream = f"{position.samples}@{self.dist.world_size}:"  # new draws
         log.info(f"resumed from {self.resume_from} at step {self.train_state.step} "
-                 f"(epoch {self.data_position.epoch}, batch {self.data_position.batches_in_epoch})")
+                 f"(epoch {position.epoch}, {position.samples} samples of it trained)")
 
     def finish(self) -> None:
         """Final checkpoint, evaluation, export; done.json last (its presence means complete)."""
@@ -348,6 +383,11 @@ class Trainer:
                                "checkpoint": self.last_checkpoint, "time": time.time()})
         self.metrics.summary(step, self.train_state.samples_seen, export)
         self.metrics.close()
+
+    def release_lock(self) -> None:
+        barrier()  # every rank is done with the run folder
+        if self.dist.is_main:
+            self.lock.release()
 
     def export(self, out_dir: str) -> Optional[str]:
         """The student as a model folder (open_clip format), from the last checkpoint (rank 0)."""

@@ -28,6 +28,7 @@ OPTION_SETS = {
                        {"--nodes=4", "--gpus-per-node=8", "--cpus-per-task=64", "--mem=400G",
                         "--time=2-00:00:00", "--partition=gpu", "--account=proj1", "--qos=high",
                         "--constraint=a100&ib", "--exclusive", "--signal=B:USR1@300"}),
+    "node-range": (["--nodes", "2", "--min-nodes", "1"], {"--nodes=1-2"}),  # requeue on 1 or 2
     "extra-directives-and-env": (["--directive=--mail-type=END", "--directive=--hint=nomultithread",
                                   "--env", "NCCL_IB_DISABLE=1", "--env", "NOTE=it's a 'quoted' value",
                                   "--job-name", "exp.1", "--time", "90", "--max-restarts", "0"],
@@ -76,6 +77,7 @@ def test_rendered_values_survive_bash_quoting(tmp_path):
     (["--directive=mail-type=END"], "--directive 'mail-type=END': expected --option"),
     (["--env", "1X=2"], "--env '1X=2': expected NAME=VALUE"),
     (["--max-restarts", "-1"], "--max-restarts -1: must be >= 0"),
+    (["--nodes", "2", "--min-nodes", "3"], "--min-nodes 3: must be between 1 and --nodes 2"),
     (["--resend-every", "0"], "--resend-every 0: must be >= 1 second"),
     (["optim.lrr=3"], "key optim.lrr"),
     (["deepspeed.precision=fp16"], "fp16 needs a GPU"),

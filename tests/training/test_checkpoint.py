@@ -11,17 +11,22 @@ import pytest
 import torch
 
 from training.checkpoint import (CheckpointManager, check_resume, check_total_steps,
-                                 read_latest, resolve_resume, rng_state, set_rng_state,
-                                 tag_for_step, write_latest)
+                                 read_latest, resolve_resume, resume_accumulation, rng_state,
+                                 set_rng_state, tag_for_step, write_latest)
+from training.checkpoint_files import FORMAT_VERSION, MANIFEST, manifest_of
 from training.config import ConfigError, DataConfig, ModelConfig, TrainConfig, to_dict
 from training.files import write_json_atomic
 
 
-def make_tags(root, steps):
+def make_tags(root, steps, partial=()):
+    """Tag folders with a model file; complete (with a manifest) unless their step is in
+    `partial` (a save killed midway)."""
     for step in steps:
         tag = root / "checkpoints" / tag_for_step(step)
         tag.mkdir(parents=True)
-        (tag / "mp_rank_00_model_states.pt").write_bytes(b"x")
+        torch.save({"module": {}}, tag / "mp_rank_00_model_states.pt")
+        if step not in partial:
+            write_json_atomic(tag / MANIFEST, manifest_of(tag))
 
 
 def test_latest_is_replaced_atomically(tmp_path, monkeypatch):
@@ -38,7 +43,7 @@ def test_latest_is_replaced_atomically(tmp_path, monkeypatch):
 
 
 def test_resume_latest_ignores_a_newer_partial_checkpoint(tmp_path):
-    make_tags(tmp_path, [2, 4, 6])  # step 6: killed mid-save, latest never moved
+    make_tags(tmp_path, [2, 4, 6], partial=[6])  # step 6: killed mid-save, latest not moved
     manager = CheckpointManager(str(tmp_path), keep_last=2, rank=0)
     write_latest(manager.dir, "step-00000004")
     assert resolve_resume(str(tmp_path), "latest") == os.path.join(manager.dir, "step-00000004")
@@ -46,22 +51,26 @@ def test_resume_latest_ignores_a_newer_partial_checkpoint(tmp_path):
 
 def test_resume_latest_without_checkpoint_starts_fresh(tmp_path):
     assert resolve_resume(str(tmp_path), "latest") is None
-    make_tags(tmp_path, [2])  # a partial first save: still nothing to resume from
+    make_tags(tmp_path, [2], partial=[2])  # a partial first save: nothing to resume from
     assert resolve_resume(str(tmp_path), "latest") is None
     assert resolve_resume(str(tmp_path), None) is None
     tag = str(tmp_path / "checkpoints" / "step-00000002")
+    with pytest.raises(ValueError, match="incomplete checkpoint"):
+        resolve_resume(str(tmp_path), tag)
+    write_json_atomic(tmp_path / "checkpoints" / "step-00000002" / MANIFEST,
+                      manifest_of(tmp_path / "checkpoints" / "step-00000002"))
     assert resolve_resume(str(tmp_path), tag).endswith("step-00000002")
 
 
-def test_dangling_latest_is_an_error(tmp_path):
+def test_dangling_latest_without_any_checkpoint_is_an_error(tmp_path):
     (tmp_path / "checkpoints").mkdir()
     write_latest(str(tmp_path / "checkpoints"), "step-00000008")
-    with pytest.raises(FileNotFoundError, match="step-00000008"):
+    with pytest.raises(ValueError, match="names 'step-00000008'.*refusing to restart from step 0"):
         read_latest(str(tmp_path / "checkpoints"))
 
 
 def test_rotation_keeps_the_newest_and_drops_stale_partials(tmp_path):
-    make_tags(tmp_path, [2, 4, 6, 8, 12])  # 12: a partial from a run killed before resuming at 6
+    make_tags(tmp_path, [2, 4, 6, 8, 12], partial=[12])  # 12: killed before resuming at 6
     manager = CheckpointManager(str(tmp_path), keep_last=2, rank=0)
     (tmp_path / "checkpoints" / "unrelated").mkdir()
     manager._rotate(newest="step-00000008")
@@ -83,15 +92,17 @@ def saved_run(tmp_path, world_size=1, **changes) -> tuple[str, dict]:
     cfg.optim.total_steps = 4
     tag = tmp_path / "checkpoints" / tag_for_step(4)
     tag.mkdir(parents=True)
-    write_json_atomic(tag / "run.json", {"format": 2, "step": 4, "total_steps": 4,
+    global_batch = cfg.data.batch_size * world_size
+    write_json_atomic(tag / "run.json", {"format": FORMAT_VERSION, "step": 4, "total_steps": 4,
                                          "world_size": world_size, "zero_stage": 0,
+                                         "global_batch": global_batch, "lanes": world_size,
                                          "config": to_dict(cfg)})
     return str(tag), to_dict(cfg)
 
 
 @pytest.mark.parametrize("key, value", [
-    ("deepspeed.zero_stage", 1), ("deepspeed.precision", "bf16"), ("data.batch_size", 16),
-    ("optim.grad_accum_steps", 2), ("data.workers", 2), ("model.student", "Tiny-ViT-Teacher"),
+    ("deepspeed.zero_stage", 1), ("deepspeed.precision", "bf16"),
+    ("model.student", "Tiny-ViT-Teacher"),
     ("model.teacher", None), ("seed", 3), ("data.train", "y.tar"),
 ])
 def test_resume_refuses_a_changed_setting_in_one_line_naming_it(tmp_path, key, value):
@@ -105,10 +116,26 @@ def test_resume_refuses_a_changed_setting_in_one_line_naming_it(tmp_path, key, v
     assert f"set {key}=" in message  # says what to do
 
 
-def test_resume_refuses_another_world_size_and_accepts_the_same_run(tmp_path):
+def test_resume_on_another_world_size_keeps_the_global_batch(tmp_path):
+    """2 ranks x 32 per step: 1 rank takes 2 micro-batches of 32, 4 ranks 1 of 16 (batch size
+    lowered by the user); 4 ranks of 32 or 3 ranks cannot (one line saying what to set)."""
     tag, config = saved_run(tmp_path, world_size=2)
-    with pytest.raises(ConfigError, match="written by 2 ranks, this run has 1"):
-        check_resume(tag, config, world_size=1)
+    record = check_resume(tag, config, world_size=1)
+    assert resume_accumulation(record, config, 1) == 2
+    assert resume_accumulation(record, config, 2) == 1
+    with pytest.raises(ConfigError, match="16 per rank on 4 ranks, which data.batch_size=32 does "
+                                          "not divide; set data.batch_size=16"):
+        resume_accumulation(record, config, 4)
+    with pytest.raises(ConfigError, match="which 3 ranks cannot share equally: run on a number "
+                                          "of ranks that divides 64"):
+        resume_accumulation(record, config, 3)
+    config["data"]["batch_size"] = 16
+    assert resume_accumulation(record, config, 4) == 1
+    config["data"]["batch_size"] = 32
+    config["model"]["mask"] = {"target_sparsity": 0.5}
+    with pytest.raises(ConfigError, match="needs optim.grad_accum_steps=2, and model.mask needs 1"):
+        resume_accumulation(record, config, 1)
+    config["model"]["mask"] = None
     record = check_resume(tag, config, world_size=2)
     config["optim"]["total_steps"], config["optim"]["lr"] = 8, 1e-3  # these may change
     assert check_resume(tag, config, world_size=2)["step"] == record["step"] == 4

@@ -47,25 +47,55 @@ def shard_of(url: str) -> str:
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_exact_epoch_splits_shards_between_ranks_and_counts_the_drop(shards, workers):
-    loaders = [train_loader(exact(shards, workers=workers), rank=r, world_size=2) for r in range(2)]
-    batches = [list(loader) for loader in loaders]
-    sizes = json.loads((shards["train"] / "sizes.json").read_text())
-    # Every reader (rank x worker) owns 2 shards; the bound takes the 2 smallest (52 + 64 samples).
-    per_worker = (52 + 64) // BATCH
-    expected = per_worker * max(workers, 1) if workers else (52 + 3 * 64) // BATCH
-    assert [len(loader) for loader in loaders] == [expected, expected]
-    assert [len(b) for b in batches] == [expected, expected]
-    keys = [[k for batch in rank_batches for k in batch["key"]] for rank_batches in batches]
-    shards_read = [{shard_of(u) for batch in rank_batches for u in batch["url"]} for rank_batches in batches]
-    assert not shards_read[0] & shards_read[1]
-    assert shards_read[0] | shards_read[1] == set(sizes)
-    assert len(set(keys[0])) == len(keys[0]) and not set(keys[0]) & set(keys[1])
-    delivered = 2 * expected * BATCH
-    stats = loaders[0].stats()
-    assert stats["samples_dropped"] == 500 - delivered
-    assert stats["samples_seen"] == expected * BATCH
+def test_exact_epoch_uses_every_sample_once_whatever_the_world_size(shards, workers):
+    """500 samples in 8 uneven shards, a global batch of 32: 2 ranks, or 1 rank with 2
+    micro-batches per step, take the same 15 global batches (480 samples, each once, the same
+    crops); the 20 left over are counted as dropped."""
+    cfg = exact(shards, workers=workers)
+    two = [train_loader(cfg, rank=r, world_size=2) for r in range(2)]
+    batches = [list(loader) for loader in two]
+    steps = 500 // (2 * BATCH)
+    assert [len(b) for b in batches] == [len(loader) for loader in two] == [steps, steps]
+    keys = [k for rank_batches in batches for batch in rank_batches for k in batch["key"]]
+    assert len(keys) == len(set(keys)) == steps * 2 * BATCH
+    one = list(train_loader(cfg, accum=2))
+    by_step = [batches[r][s] for s in range(steps) for r in range(2)]  # rank 0's, then rank 1's
+    assert [b["key"] for b in one] == [b["key"] for b in by_step]
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(one, by_step))
+    stats = two[0].stats()
+    assert stats["samples_dropped"] == 500 - steps * 2 * BATCH == 20
+    assert stats["samples_seen"] == steps * BATCH
     assert stats["corrupt_skipped"] == 0 and stats["samples_repeated"] == 0
+
+
+def test_resume_on_another_world_size_continues_with_the_unseen_samples(shards):
+    """4 of 15 steps done on 2 ranks; the rest on 1 rank (2 micro-batches per step, lanes kept):
+    every sample of the epoch once, in the uninterrupted run's order."""
+    cfg = exact(shards)
+    full = list(train_loader(cfg, accum=2))
+    done = [b["key"] for r in range(2)
+            for b in itertools.islice(train_loader(cfg, rank=r, world_size=2), 4)]
+    rest = list(train_loader(cfg, accum=2, lanes=2, skip_batches=8))
+    seen = sum(done, []) + [k for b in rest for k in b["key"]]
+    assert sorted(seen) == sorted(k for b in full for k in b["key"])
+    assert [b["key"] for b in rest] == [b["key"] for b in full[8:]]
+
+
+def test_ranks_that_share_a_lane_take_the_same_samples_as_one_rank(shards):
+    """A 2-lane order (a run started on 2 ranks) continued on 3 ranks: rank 1's positions span
+    both lanes; together the 3 ranks take what 1 rank with 3 micro-batches takes."""
+    cfg = exact(shards, batch_size=4)
+    three = [list(train_loader(cfg, rank=r, world_size=3, lanes=2)) for r in range(3)]
+    one = list(train_loader(cfg, accum=3, lanes=2))
+    assert len(one) == 3 * len(three[0]) == 3 * (500 // 2 // 6)
+    assert [b["key"] for b in one] == [three[r][s]["key"] for s in range(len(three[0]))
+                                       for r in range(3)]
+
+
+def test_one_shard_is_enough_for_two_ranks(shards):
+    cfg = exact(shards, train=str(shards["train"] / "shard-000000.tar"))
+    keys = [k for r in range(2) for b in train_loader(cfg, rank=r, world_size=2) for k in b["key"]]
+    assert len(keys) == len(set(keys)) == 64
 
 
 def test_exact_epoch_length_is_the_same_every_epoch_and_order_changes(shards):
@@ -136,9 +166,10 @@ def test_resampled_sources_follow_their_weights(shards, tmp_path):
 
 
 @pytest.mark.parametrize("cfg, world_size, message", [
-    (dict(workers=2), 8, "need at least world_size x workers = 8 x 2 = 16 shards, found 8"),
-    (dict(batch_size=1000), 1, "give no full batch of 1000"),
-    (dict(resampled=True, samples_per_epoch=10), 1, "data.samples_per_epoch=10 gives no batch of 16"),
+    (dict(batch_size=1000), 1, "give no full global batch of 1000 (1000 per rank"),
+    (dict(batch_size=300), 2, "give no full global batch of 600 (300 per rank"),
+    (dict(resampled=True, samples_per_epoch=10), 1,
+     "data.samples_per_epoch=10 gives no global batch of 16 x 1 micro-batches"),
     (dict(train="nosuch://bucket/x-{0..3}.tar"), 1, "data.train: cannot open nosuch:// URLs"),
 ])
 def test_bad_configuration_is_one_clear_error(shards, cfg, world_size, message):

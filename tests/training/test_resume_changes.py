@@ -1,6 +1,7 @@
-"""Resuming under changed settings, through the real CLI: what cannot continue exactly (another
-world size, ZeRO stage, batch size or model) is ONE line on stderr and exit 2 before anything is
-built; a raised total_steps continues with this run's schedule (no zero-lr step).
+"""Resuming under changed settings, through the real CLI: what cannot continue exactly (a ZeRO
+stage, a batch size or a world size that cannot keep the global batch, a model) is ONE line on
+stderr and exit 2 before anything is built; a raised total_steps continues with this run's
+schedule (no zero-lr step).
 
 One 2-step ZeRO-1 run (the review's case: resuming it at ZeRO-0 used to end in DeepSpeed's
 AttributeError, at ZeRO-3 in an AssertionError, on 2 ranks in a ZeRORuntimeException)."""
@@ -56,7 +57,9 @@ def test_changed_setting_is_one_line_exit_2(finished_run, change, named):
     assert max(r["step"] for r in read_metrics(run_dir) if "loss" in r) == 2  # nothing trained
 
 
-def test_changed_world_size_is_one_line_exit_2(finished_run):
+def test_world_size_that_cannot_keep_the_global_batch_is_one_line_exit_2(finished_run):
+    """8 samples per step on 1 rank; 2 ranks of data.batch_size=8 would make 16 (2 ranks of 4
+    continue it: tests/training/test_resume_world_size.py)."""
     run_dir, args = finished_run
     result = run_torchrun(["-m", "training", "--config", TINY_DISTILL, *args,
                            "optim.total_steps=4"], nproc=2, check=False, timeout=300)
@@ -64,7 +67,8 @@ def test_changed_world_size_is_one_line_exit_2(finished_run):
     assert "training/" not in "".join(l for l in result.stdout.splitlines() if 'File "' in l)
     assert "ZeRORuntimeException" not in result.stdout
     errors = [line for line in result.stdout.splitlines() if "clip-train: error:" in line]
-    assert errors and all("written by 1 ranks, this run has 2" in line for line in errors)
+    assert errors and all("4 per rank on 2 ranks, which data.batch_size=8 does not divide; set "
+                          "data.batch_size=4" in line for line in errors)
 
 
 def test_shorter_total_steps_is_refused(finished_run):

@@ -119,7 +119,7 @@ def test_checkpoints_rotated_and_done_written_last(run):
     assert set(state) >= {"train_state", "data_position", "rng"}  # the named parts
     record = json.loads((checkpoints / f"step-{STEPS:08d}" / "run.json").read_text())
     assert record["config"]["optim"]["total_steps"] == STEPS and record["step"] == STEPS
-    assert record["world_size"] == 1 and record["format"] == 2
+    assert record["world_size"] == 1 and record["format"] == 3
 
 
 def test_export_equals_the_checkpoint_weights(run):

@@ -1,14 +1,21 @@
 """The training loader: batches of paired views and tokens, planned so that every rank runs the same
-number of steps and a resumed run sees exactly the batches an uninterrupted one would have seen.
+number of steps and a resumed run, on this or another number of ranks, continues exactly where
+the data left off.
 
-Per dataloader worker the stream is
+Exact epochs, per dataloader worker:
 
-    shards (plan.py) -> grouped raw samples -> cheap checks (skip + count) -> seeded shuffle buffer
-    -> drop the batches a resumed run already trained on (before decoding) -> decode, caption,
-    paired crop (one seeded RNG per sample position) -> batch -> tokenize (student, teacher)
+    this rank's micro-batch i (plan.py) -> its global positions -> the samples there (order.py:
+    the epoch's global order, each lane's shards read forward once) -> cheap checks (skip + count)
+    -> decode, caption, paired crop (one RNG per global position) -> batch -> tokenize
 
-Everything random is seeded by (seed, epoch, rank, worker) and the sample's position in that
-worker's stream, never by process state, so (seed, epoch, skip_batches) fixes the stream.
+A sample that cannot be used is counted by reason and its place in the batch taken by a usable
+sample of the same batch (counted as repeated); a batch with no usable sample is a one-line
+DataError, so no pass over the data is repeated and nothing waits forever.
+Resampled: shards drawn with replacement per (seed, epoch, stream, rank, worker) -> checks ->
+seeded shuffle buffer -> drop the batches a resumed run already trained on -> decode -> batch.
+
+Everything random is seeded by the seed, the epoch and the sample's position, never by process
+state, so (seed, epoch, skip_batches) fixes the stream.
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.filters import _shuffle
 
 from .config import DataConfig
+from .order import SequenceReader
 from .plan import EpochPlan, plan_exact, plan_resampled
 from .samples import CorruptDataError, Sample, SampleAccount, check_sample, decode_image, read_shard
 from .sources import DataError, Source, parse_sources
@@ -44,10 +52,12 @@ class _TrainStream(IterableDataset):
 
     def __init__(self, cfg: DataConfig, sources: list[Source], plan: EpochPlan, views: PairedViews,
                  tokenizer: Callable, teacher_tokenizer: Callable | None, *, seed: int, rank: int,
-                 epoch: int, skip_batches: int):
+                 epoch: int, skip_batches: int, stream: str = ""):
         self.cfg, self.sources, self.plan, self.views = cfg, sources, plan, views
         self.tokenizer, self.teacher_tokenizer = tokenizer, teacher_tokenizer
         self.seed, self.rank, self.epoch, self.skip_batches = seed, rank, epoch, skip_batches
+        self.stream = stream  # resampled: seeds the draws (a new world size draws anew)
+        self._repeated, self._reserve = 0, []
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -64,62 +74,73 @@ class _TrainStream(IterableDataset):
 
     def _batches(self, worker: int) -> Iterator[dict]:
         cfg, plan = self.cfg, self.plan
-        tag = f"{self.seed}:{self.epoch}:{self.rank}:{worker}"
         account = SampleAccount(cfg.max_corrupt_fraction, cfg.corrupt_min_samples)
-        quota = plan.worker_batches(worker)
-        skip = plan.worker_batches(worker, before=self.skip_batches)
-        if skip >= quota:
+        self._repeated, self._reserve = 0, []
+        if plan.worker_batches(worker, before=self.skip_batches) >= plan.worker_batches(worker):
             return
         if plan.resampled:
-            samples = self._shuffled(self._checked(self._resampled(tag, account), account), tag)
-        else:
-            samples = self._exact(plan.worker_shards[worker], tag, account)
+            yield from self._resampled_batches(worker, account)
+            return
+        reader = SequenceReader(plan.order, account)
+        first = self.skip_batches + (worker - self.skip_batches) % plan.num_workers
+        for index in range(first, plan.batches, plan.num_workers):
+            yield self._exact_batch(index, reader, account, worker)
+
+    def _exact_batch(self, index: int, reader: SequenceReader, account: SampleAccount,
+                     worker: int) -> dict:
+        """This rank's micro-batch `index`: the samples at its global positions (plan.py), each
+        prepared with its own seeded RNG. An unusable sample is counted and its place taken by
+        a usable one of the same batch (or, when it has none, of this worker's previous batch;
+        counted as repeated): batches keep their size. No usable sample yet: one-line DataError."""
+        order, items, urls = self.plan.order, [], []
+        for position in self.plan.positions(index):
+            raw = reader.fetch(order.sequence_index(position))
+            if isinstance(raw, str):  # its shard lacked it (order.read_from)
+                url, sample = raw, "missing_from_shard"
+            else:
+                url, sample = raw["__url__"], check_sample(raw)
+            urls.append(url)
+            if isinstance(sample, str):  # the reason it cannot be used
+                account.skip(sample, url)
+                items.append(None)
+                continue
+            account.ok(url)
+            rng = random.Random(f"sample:{self.seed}:{self.epoch}:{position}")
+            items.append(self._prepare(sample, rng, account))
+        usable = [item for item in items if item is not None] or self._reserve
+        if not usable:
+            raise DataError(f"data.train: no usable sample in batch {index} of rank {self.rank} "
+                            f"(epoch {self.epoch}; samples from {sorted(set(urls))[0]}): "
+                            f"{dict(account.skipped)}")
+        self._reserve = usable  # stand-ins for a later batch with none (a shard cut short)
+        self._repeated += sum(item is None for item in items)
+        batch = self._collate([item if item is not None else usable[k % len(usable)]
+                               for k, item in enumerate(items)])
+        batch["__worker__"] = worker
+        batch["__account__"] = dict(account.snapshot(), repeated=self._repeated)
+        return batch
+
+    def _resampled_batches(self, worker: int, account: SampleAccount) -> Iterator[dict]:
+        cfg, plan = self.cfg, self.plan
+        tag = f"{self.seed}:{self.epoch}:{self.stream}{self.rank}:{worker}"
+        quota = plan.worker_batches(worker)
+        skip = plan.worker_batches(worker, before=self.skip_batches)
+        samples = self._shuffled(self._checked(self._resampled(tag, account), account), tag)
         positioned = itertools.islice(enumerate(samples), skip * cfg.batch_size, None)
-        delivered, repeated, pending = skip, 0, []
+        delivered, pending = skip, []
         for index, sample in positioned:
             item = self._prepare(sample, random.Random(f"sample:{tag}:{index}"), account)
             if item is None:
                 continue
             pending.append(item)
-            repeated += sample.pass_index > 0
             if len(pending) == cfg.batch_size:
                 batch = self._collate(pending)
                 batch["__worker__"] = worker
-                batch["__account__"] = dict(account.snapshot(), repeated=repeated)
+                batch["__account__"] = dict(account.snapshot(), repeated=0)
                 yield batch
                 delivered, pending = delivered + 1, []
                 if delivered == quota:
                     return
-        if delivered < quota:
-            raise DataError(f"data.train: worker {worker} of rank {self.rank} ran out of samples after "
-                            f"{delivered} of {quota} batches")
-
-    def _exact(self, shards: tuple[str, ...], tag: str, account: SampleAccount) -> Iterator[Sample]:
-        """The worker's shards once, shuffled; then again (pass 1, 2, ...) only if corrupt samples
-        left it short of its quota: every rank must deliver the planned number of batches. The
-        shuffle buffer is flushed at the end of each pass, so a pass never mixes with the next."""
-        for pass_index in itertools.count():
-            account.frozen = pass_index > 0
-            found = 0
-            raw = (raw for url in shards for raw in self._read_listed(url, account))
-            for sample in self._shuffled(self._checked(raw, account), f"{tag}:{pass_index}"):
-                found += 1
-                sample.pass_index = pass_index
-                yield sample
-            if found == 0:
-                raise DataError(f"data.train: no usable sample in the {len(shards)} shards starting with {shards[0]}")
-
-    def _read_listed(self, url: str, account: SampleAccount) -> Iterator[dict]:
-        """read_shard, plus a check that a shard read to its end had the samples its listing
-        promised: a tar cut exactly between two members reads as a complete, shorter tar."""
-        found = 0
-        for raw in read_shard(url, account):
-            found += 1
-            yield raw
-        listed = self.plan.shard_sizes.get(url, 0)
-        if found < listed and not account.frozen and url not in account.shard_errors:
-            log.warning("shard %s gave %d samples, its listing says %d", url, found, listed)
-            account.shard_errors[url] += 1
 
     def _shuffled(self, samples: Iterator[Sample], tag: str) -> Iterator[Sample]:
         """webdataset's shuffle buffer, driven by a seeded RNG."""
@@ -253,14 +274,19 @@ class TrainLoader:
 def build_train_loader(cfg: DataConfig, *, seed: int, student_preprocess: dict,
                        teacher_preprocess: dict | None, tokenizer: Callable,
                        teacher_tokenizer: Callable | None = None, rank: int, world_size: int,
-                       epoch: int, skip_batches: int = 0) -> TrainLoader:
+                       epoch: int, skip_batches: int = 0, accum: int = 1,
+                       lanes: int | None = None, stream: str = "") -> TrainLoader:
     """The loader of one rank for one epoch; cheap to build (reads only sizes.json files), so the
     trainer builds one per epoch.
 
     `cfg` as `cfg.validate()` accepted it (not checked again here); `seed` (the run's seed, with
     the epoch) seeds every random choice. `tokenizer` makes batch["text"]; `teacher_tokenizer`
     batch["teacher_text"] (None: the very same tensor as batch["text"]). Both run in the loader
-    workers. Raises DataError (one line) for bad sources, shards or arguments."""
+    workers. `accum` micro-batches per optimizer step: with `world_size`, they make the global
+    batch; `lanes` (default world_size x accum) shapes the exact epoch's global order, which a
+    resumed run keeps whatever its world size (order.py); `skip_batches` of this rank's
+    micro-batches were trained already. `stream` seeds resampled draws. Raises DataError (one
+    line) for bad sources, shards or arguments."""
     if not 0 <= rank < world_size:
         raise DataError(f"rank {rank} is outside world_size {world_size}")
     if skip_batches < 0:
@@ -268,15 +294,17 @@ def build_train_loader(cfg: DataConfig, *, seed: int, student_preprocess: dict,
     sources = parse_sources(cfg.train, cfg.train_weights)
     num_workers = max(cfg.workers, 1)
     if cfg.resampled:
-        plan = plan_resampled(sources, batch_size=cfg.batch_size, world_size=world_size,
-                              num_workers=num_workers, samples_per_epoch=cfg.samples_per_epoch)
+        plan = plan_resampled(sources, batch_size=cfg.batch_size, accum=accum,
+                              world_size=world_size, num_workers=num_workers,
+                              samples_per_epoch=cfg.samples_per_epoch)
     else:
-        plan = plan_exact(sources, batch_size=cfg.batch_size, rank=rank, world_size=world_size,
+        plan = plan_exact(sources, batch_size=cfg.batch_size, accum=accum, rank=rank,
+                          world_size=world_size, lanes=lanes or world_size * accum,
                           num_workers=num_workers, seed=seed, epoch=epoch,
-                          samples_per_epoch=cfg.samples_per_epoch)
+                          window=cfg.shuffle_buffer, samples_per_epoch=cfg.samples_per_epoch)
     views = PairedViews(ViewSpec.from_preprocess(student_preprocess, "student_preprocess"),
                         ViewSpec.from_preprocess(teacher_preprocess, "teacher_preprocess")
                         if teacher_preprocess is not None else None)
     dataset = _TrainStream(cfg, sources, plan, views, tokenizer, teacher_tokenizer, seed=seed,
-                           rank=rank, epoch=epoch, skip_batches=skip_batches)
+                           rank=rank, epoch=epoch, skip_batches=skip_batches, stream=stream)
     return TrainLoader(dataset, plan, cfg, skip_batches)

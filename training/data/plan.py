@@ -1,20 +1,21 @@
-"""Which worker reads which shards this epoch, and how many batches every rank gets.
+"""Which samples each rank and worker reads this epoch, and how many batches every rank gets.
 
-Ranks of a data-parallel job must run the same number of steps, and a resumed run must be able to
-say which worker produced which batch. So the plan fixes, before any shard is read:
+Ranks of a data-parallel job must run the same number of steps, and a resumed run (on this or
+another number of ranks) must continue exactly where the data left off. So the plan fixes,
+before any shard is read:
 
-- `batches`: the batches per epoch of every rank (the same on all ranks);
+- `batches`: the micro-batches per epoch of every rank (the same on all ranks);
 - batch i of a rank comes from its worker i % num_workers (PyTorch's DataLoader takes batches from
-  its workers round-robin), so worker w yields exactly len(range(w, batches, num_workers)).
+  its workers round-robin).
 
-Exact epochs: the shard list is shuffled by (seed, epoch), rank r takes shards r::world_size and
-its worker w takes every num_workers-th of those. No two ranks or workers read the same shard.
-`batches` is the largest count that every worker of every rank can fill whatever the shuffle (its
-number of shards times the smallest shard sizes), so it is the same in every epoch; the samples
-beyond it (the last partial batch of each worker, plus the size difference between shards) are not
-read this epoch, and `dropped` counts them.
+Exact epochs: the samples follow the epoch's global order (order.py), which does not depend on the
+world size. Optimizer step s trains on global positions [s*G, (s+1)*G) (G = the global batch);
+rank r of W takes the contiguous G/W of them from s*G + r*G/W, cut into its micro-batches. So a run
+that has trained `p` samples of the epoch has seen positions 0..p-1 whatever its world size, and a
+run resumed on another world size takes exactly the positions not yet seen. Every listed sample
+is used once except a tail smaller than one global batch (`dropped`, logged and in the metrics).
 Resampled: every worker draws shards with replacement forever; `batches` is
-samples_per_epoch // (batch_size * world_size).
+samples_per_epoch // (batch_size * world_size * accum) * accum.
 """
 from __future__ import annotations
 
@@ -22,8 +23,9 @@ import functools
 import logging
 import posixpath
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from .order import EpochOrder
 from .samples import read_shard
 from .sources import DataError, Source, read_json
 
@@ -105,57 +107,59 @@ class EpochPlan:
     resampled: bool
     batches: int
     num_workers: int
-    worker_shards: tuple[tuple[str, ...], ...] = ()   # exact epochs only, one tuple per worker
-    dropped: int = 0                                   # exact epochs: samples no rank reads
-    shard_sizes: dict = field(default_factory=dict)    # exact epochs: listed samples per shard
+    order: EpochOrder | None = None   # exact epochs
+    rank: int = 0
+    world_size: int = 1
+    batch_size: int = 0
+
+    @property
+    def dropped(self) -> int:
+        return self.order.dropped if self.order is not None else 0
 
     def worker_batches(self, worker: int, before: int | None = None) -> int:
         """How many of the first `before` batches (default: all) worker `worker` produces."""
         end = self.batches if before is None else min(before, self.batches)
         return len(range(worker, end, self.num_workers))
 
+    def positions(self, batch: int) -> range:
+        """Exact epochs: the global positions (order.py) of this rank's micro-batch `batch`."""
+        accum = self.batches // self.order.steps
+        step, micro = divmod(batch, accum)
+        start = step * self.order.global_batch + (self.rank * accum + micro) * self.batch_size
+        return range(start, start + self.batch_size)
 
-def plan_exact(sources: list[Source], *, batch_size: int, rank: int, world_size: int,
-               num_workers: int, seed: int, epoch: int, samples_per_epoch: int | None = None,
-               sizes: ShardSizes | None = None) -> EpochPlan:
+
+def plan_exact(sources: list[Source], *, batch_size: int, accum: int, rank: int, world_size: int,
+               lanes: int, num_workers: int, seed: int, epoch: int, window: int,
+               samples_per_epoch: int | None = None, sizes: ShardSizes | None = None) -> EpochPlan:
+    """`lanes` (order.py) is fixed by the run's first world size and kept by its resumes."""
     urls = [url for source in sources for url in source.urls]
-    readers = world_size * num_workers
-    if len(urls) < readers:
-        raise DataError(
-            f"data.train: exact epochs need at least world_size x workers = {world_size} x {num_workers} "
-            f"= {readers} shards, found {len(urls)} in {sources[0].spec!r}; use fewer workers, "
-            f"more shards, or data.resampled=true")
+    global_batch = batch_size * accum * world_size
+    if global_batch % lanes:
+        raise DataError(f"data.train: the global batch {global_batch} does not split into "
+                        f"{lanes} lanes of the epoch order")
     sizes = sizes or ShardSizes()
-    shard_sizes = {url: sizes(url) for url in urls}
     order = list(urls)
     random.Random(f"shards:{seed}:{epoch}").shuffle(order)
-
-    def shards_of(r: int, w: int) -> tuple[str, ...]:
-        return tuple(order[r::world_size][w::num_workers])
-
-    # Reader (r, w) gets a fixed NUMBER of shards whatever the shuffle; counting each as one of the
-    # smallest shards gives a sample bound, hence a batch count, that is the same every epoch.
-    ascending = sorted(shard_sizes.values())
-    # Worker w can fill n batches when len(range(w, n, W)) <= capacity, i.e. n <= capacity*W + w.
-    batches = min(sum(ascending[:len(shards_of(r, w))]) // batch_size * num_workers + w
-                  for r in range(world_size) for w in range(num_workers))
-    if samples_per_epoch is not None:
-        batches = min(batches, samples_per_epoch // (batch_size * world_size))
-    if batches <= 0:
-        raise DataError(f"data.train: {sum(shard_sizes.values())} samples in {len(urls)} shards give no "
-                        f"full batch of {batch_size} per rank and worker")
-    dropped = sum(shard_sizes.values()) - batches * batch_size * world_size
-    return EpochPlan(False, batches, num_workers,
-                     tuple(shards_of(rank, w) for w in range(num_workers)), dropped, shard_sizes)
+    epoch_order = EpochOrder.build(order, [sizes(url) for url in order], global_batch=global_batch,
+                                   lanes=lanes, window=window, tag=f"{seed}:{epoch}",
+                                   max_samples=samples_per_epoch)
+    if epoch_order.steps <= 0:
+        raise DataError(f"data.train: {epoch_order.total} samples in {len(urls)} shards give no "
+                        f"full global batch of {global_batch} ({batch_size} per rank x {accum} "
+                        f"micro-batches x {world_size} ranks)")
+    return EpochPlan(False, epoch_order.steps * accum, num_workers, epoch_order, rank, world_size,
+                     batch_size)
 
 
-def plan_resampled(sources: list[Source], *, batch_size: int, world_size: int, num_workers: int,
-                   samples_per_epoch: int | None, sizes: ShardSizes | None = None) -> EpochPlan:
+def plan_resampled(sources: list[Source], *, batch_size: int, accum: int, world_size: int,
+                   num_workers: int, samples_per_epoch: int | None,
+                   sizes: ShardSizes | None = None) -> EpochPlan:
     if samples_per_epoch is None:
         sizes = sizes or ShardSizes()
         samples_per_epoch = sum(sizes(url) for source in sources for url in source.urls)
-    batches = samples_per_epoch // (batch_size * world_size)
-    if batches <= 0:
-        raise DataError(f"data.samples_per_epoch={samples_per_epoch} gives no batch of {batch_size} "
-                        f"on each of {world_size} ranks")
-    return EpochPlan(True, batches, num_workers)
+    steps = samples_per_epoch // (batch_size * accum * world_size)
+    if steps <= 0:
+        raise DataError(f"data.samples_per_epoch={samples_per_epoch} gives no global batch of "
+                        f"{batch_size} x {accum} micro-batches on each of {world_size} ranks")
+    return EpochPlan(True, steps * accum, num_workers, batch_size=batch_size)

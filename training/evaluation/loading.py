@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from training.checkpoint_files import find_tag_dir, read_module_state, read_run_record
+from training.checkpoint_files import (NotACheckpoint, find_tag_dir, read_module_state,
+                                       read_run_record)
 from training.models import (EXPORT_CONFIG_FILE, STATE_DICT_SUFFIXES, load_state_dict_file,
                              load_strict)
 from training.specs import ModelSpec, model_spec
@@ -47,7 +48,7 @@ def load_for_eval(checkpoint: str | None, model: str | None = None, device: str 
     if path is not None and path.is_dir():
         try:
             tag_dir = find_tag_dir(path)
-        except ValueError:
+        except NotACheckpoint:
             raise ValueError(f"checkpoint {path}: not an open_clip export (no "
                              f"{EXPORT_CONFIG_FILE}), not a run directory (no checkpoints/latest) "
                              f"and not a checkpoint tag folder") from None
