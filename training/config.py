@@ -271,11 +271,25 @@ def load_config(path: Optional[str] = None, overrides: List[str] = (), *,
                 cuda_available: Optional[bool] = None) -> TrainConfig:
     """YAML file + `section.key=value` overrides -> a validated TrainConfig."""
     cfg = load_structured(TrainConfig, path, overrides)
+    _run_length_from_overrides(cfg, overrides)
     try:
         cfg.validate(cuda_available)
     except ConfigError as err:
         raise ConfigError(f"{_source_of(str(err), path, overrides)}: {err}") from None
     return cfg
+
+
+def _run_length_from_overrides(cfg: TrainConfig, overrides: List[str]) -> None:
+    """optim.total_steps and optim.epochs are two ways to say how long a run is: an override that
+    sets one replaces the recipe's other (`optim.total_steps=500` on a recipe with `epochs: 1`
+    means 500 steps). Both set in the YAML file itself stay an error (validate)."""
+    for item in reversed(list(overrides)):
+        key = item.split("=", 1)[0].strip()
+        if key in ("optim.total_steps", "optim.epochs"):
+            name = key.split(".")[1]
+            if getattr(cfg.optim, name) is not None:
+                setattr(cfg.optim, "epochs" if name == "total_steps" else "total_steps", None)
+            return
 
 
 def _source_of(message: str, path: Optional[str], overrides: List[str]) -> str:

@@ -52,7 +52,7 @@ def test_defaults_and_overrides(minimal_yaml):
     (["deepspeed.precision=fp16"], "deepspeed.precision"),  # fp16 on CPU
     (["deepspeed.precision=fp8"], "deepspeed.precision"),
     (["model.teacher=null"], "model.teacher"),  # affinity_weight > 0 without teacher
-    (["optim.epochs=3"], "optim.total_steps"),  # both total_steps and epochs
+    (["optim.total_steps=null"], "optim.total_steps"),  # neither total_steps nor epochs
     (["optim.warmup_steps=10"], "optim.warmup_steps"),
     (["data.train_weights=[1,2]"], "data.train_weights"),
     (["log.wandb=sometimes"], "log.wandb"),
@@ -68,6 +68,19 @@ def test_bad_values_name_the_key_in_one_line(minimal_yaml, override, key):
         load_config(str(minimal_yaml), override, cuda_available=False)
     message = str(err.value)
     assert key in message and "\n" not in message
+
+
+def test_an_override_of_the_run_length_replaces_the_recipes_other_one(minimal_yaml, tmp_path):
+    """The recipe says total_steps: 10; `optim.epochs=3` means 3 epochs, and the other way round."""
+    cfg = load_config(str(minimal_yaml), ["optim.epochs=3"], cuda_available=False)
+    assert (cfg.optim.epochs, cfg.optim.total_steps) == (3, None)
+    cfg = load_config(str(minimal_yaml), ["optim.epochs=3", "optim.total_steps=7"],
+                      cuda_available=False)
+    assert (cfg.optim.epochs, cfg.optim.total_steps) == (None, 7)
+    both = tmp_path / "both.yaml"  # both in the file itself: still one clear error
+    both.write_text(minimal_yaml.read_text().replace("total_steps: 10", "total_steps: 10\n  epochs: 2"))
+    with pytest.raises(ConfigError, match="set exactly one of optim.total_steps and optim.epochs"):
+        load_config(str(both), [], cuda_available=False)
 
 
 def test_fp16_allowed_with_gpu(minimal_yaml):
