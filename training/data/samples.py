@@ -17,7 +17,7 @@ from typing import Iterator
 import PIL.Image
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
-from .sources import DataError, open_url
+from .sources import DataError, ShardReadError, open_url
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,8 @@ def read_shard(url: str, account: "SampleAccount | None" = None) -> Iterator[dic
 
 
 def _unreadable(url: str, exn: Exception, account: "SampleAccount | None") -> None:
+    if isinstance(exn, ShardReadError):
+        raise exn  # a read that failed for good (retries spent, missing object): one line, stop
     log.warning("unreadable shard %s: %s", url, exn)
     if account is not None and not account.frozen:
         account.shard_errors[url] += 1
