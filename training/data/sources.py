@@ -149,14 +149,13 @@ def _filesystem(url: str, policy: ReadPolicy):
     timeout. s3fs takes credentials and the endpoint (AWS_ENDPOINT_URL) from botocore's usual
     chain: environment, ~/.aws/config and credentials files, instance roles."""
     protocol = fsspec.core.split_protocol(url)[0]
-    options = {}
-    if protocol in ("s3", "s3a"):
-        options = {"retries": 1, "config_kwargs": {
-            "connect_timeout": policy.timeout_s, "read_timeout": policy.timeout_s,
-            "retries": {"max_attempts": 1, "mode": "standard"}}}
-    elif protocol in ("gs", "gcs"):
-        options = {"retries": 1, "timeout": policy.timeout_s}
-    return fsspec.filesystem(protocol, **options)
+    if protocol not in ("s3", "s3a"):
+        return fsspec.filesystem(protocol)  # gcsfs: its own defaults under our retries
+    fs = fsspec.filesystem(protocol, config_kwargs={
+        "connect_timeout": policy.timeout_s, "read_timeout": policy.timeout_s,
+        "retries": {"total_max_attempts": 1, "mode": "standard"}})
+    fs.retries = 1  # s3fs's own retry loop (an attribute, not an argument); instances are per options
+    return fs
 
 
 def _open_once(url: str, offset: int, policy: ReadPolicy) -> IO[bytes]:
@@ -310,20 +309,39 @@ def open_url(url: str) -> IO[bytes]:
     return io.BufferedReader(_RetryingReader(url, _policy), buffer_size=1 << 20)
 
 
-def read_json(url: str) -> dict | None:
-    """A small JSON side file (sizes.json, *_stats.json), or None when it does not exist."""
+def read_text(url: str) -> str | None:
+    """A small UTF-8 side file (sizes.json, classnames.txt, ...) local or remote, or None when it
+    does not exist. Other failures are ShardReadError / OSError as for shards."""
     try:
         with open_url(url) as f:
-            return json.load(io.TextIOWrapper(f, encoding="utf-8"))
+            return f.read().decode("utf-8")
     except FileNotFoundError:
         return None
     except ShardReadError as exn:
         if exn.missing:
             return None
         raise
-    except (OSError, ValueError) as exn:
+
+
+def read_json(url: str) -> dict | None:
+    """A small JSON side file (sizes.json, *_stats.json), or None when it does not exist."""
+    try:
+        text = read_text(url)
+        return None if text is None else json.loads(text)
+    except ValueError as exn:   # not JSON, not UTF-8 (a failed read is a ShardReadError: raised)
+        if isinstance(exn, ShardReadError):
+            raise
         log.warning("ignoring unreadable %s: %s", url, exn)
         return None
+
+
+def list_tars(folder_url: str) -> list[str]:
+    """The .tar objects directly under a remote folder (s3://bucket/prefix), sorted, as URLs."""
+    try:
+        fs, root = fsspec.core.url_to_fs(folder_url.rstrip("/"))
+        return sorted(fs.unstrip_protocol(path) for path in fs.glob(f"{root}/*.tar"))
+    except Exception as exn:  # noqa: BLE001 - the storage library's own types; one line
+        raise ShardReadError(f"{folder_url}: cannot list shards: {_describe(exn)}") from None
 
 
 # ---------------------------------------------------------------- read-ahead
