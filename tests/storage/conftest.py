@@ -1,5 +1,5 @@
-"""One S3 server (moto, tests/helpers/s3.py) for the storage tests, with the synthetic shard set
-uploaded to s3://shards/train (shards + sizes.json), val/ and zeroshot/; AWS_* variables point
+"""One S3 server (moto, tests/helpers/s3.py) for the storage tests, with a bucket `shards` and the
+synthetic shard set uploaded to s3://shards/train (shards + sizes.json), val/ and zeroshot/; AWS_* variables point
 every client (this process and its subprocesses) at it."""
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ def s3(tmp_path_factory):
     saved = dict(os.environ)
     with S3Server() as server:
         os.environ.update(server.env)
+        s3_filesystem().mkdir(BUCKET)
         yield server
     os.environ.clear()
     os.environ.update(saved)
@@ -31,7 +32,6 @@ def s3_shards(s3, tmp_path_factory):
     local = make_synthetic_shards(tmp_path_factory.mktemp("s3-local"), train=128, val=24, zeroshot=20,
                                   samples_per_shard=16)
     fs = s3_filesystem()
-    fs.mkdir(BUCKET)
     urls = {name: upload_folder(fs, local[name], f"s3://{BUCKET}/{name}")
             for name in ("train", "val", "zeroshot")}
     pattern = local["train_shards"].rsplit("/", 1)[1]

@@ -34,7 +34,6 @@ from typing import IO, Iterable, Iterator, Sequence
 
 import braceexpand
 import fsspec
-import webdataset
 
 from .config import SOURCE_SEPARATOR
 
@@ -339,6 +338,7 @@ def list_tars(folder_url: str) -> list[str]:
     """The .tar objects directly under a remote folder (s3://bucket/prefix), sorted, as URLs."""
     try:
         fs, root = fsspec.core.url_to_fs(folder_url.rstrip("/"))
+        fs.invalidate_cache(root)   # listings are cached per filesystem instance
         return sorted(fs.unstrip_protocol(path) for path in fs.glob(f"{root}/*.tar"))
     except Exception as exn:  # noqa: BLE001 - the storage library's own types; one line
         raise ShardReadError(f"{folder_url}: cannot list shards: {_describe(exn)}") from None
