@@ -3,7 +3,8 @@ local files and from a local S3 server (moto in its own process, tests/helpers/s
 2 workers, with and without read-ahead, and with an added first-byte latency per shard GET (a
 remote store's round trip, which a server on the loopback does not have). Every configuration runs
 once per repeat, all alternating in the same run; the table gives the median samples/s and the
-ratio to local files with the same worker count. Results: docs/benchmarks.md ("Data: object
+median over repeats of the ratio to local files with the same worker count in the same repeat
+(robust to a machine whose load changes between repeats). Results: docs/benchmarks.md ("Data: object
 storage").
 
     .venv/bin/python benchmarks/s3_loader.py [--samples 2048] [--shards 16] [--image-size 64]
@@ -77,12 +78,14 @@ def main() -> None:
                 assert retries == 0, f"{name}: {retries} retries"
                 results[name].append(samples_per_s)
     print(f"{args.samples} samples in {args.shards} shards, {args.image_size} px, batch "
-          f"{args.batch_size}, median of {args.repeats} (samples/s; ratio to local files, same workers)")
+          f"{args.batch_size}, {args.repeats} repeats; samples/s (median) and the median over repeats of "
+          f"the ratio to local files with the same workers in the same repeat")
     for name, spec, workers, *_ in configs:
-        median = statistics.median(results[name])
-        local = statistics.median(results[f"local files, {workers} worker(s)"])
+        local = results[f"local files, {workers} worker(s)"]
+        ratios = [a / b for a, b in zip(results[name], local)]
         runs = ", ".join(f"{v:.0f}" for v in results[name])
-        print(f"  {name:42s} {median:7.0f}   {median / local:5.2f}   (runs: {runs})")
+        print(f"  {name:42s} {statistics.median(results[name]):7.0f}   {statistics.median(ratios):5.2f}"
+              f"   (runs: {runs})")
 
 
 if __name__ == "__main__":

@@ -102,7 +102,6 @@ def check_url_schemes(urls: Iterable[str]) -> None:
             raise DataError(f"data.train: cannot open {scheme}:// URLs: {str(exn).splitlines()[0]}") from None
 
 
-
 # ---------------------------------------------------------------- how remote reads behave
 
 
@@ -120,27 +119,26 @@ class ReadPolicy:
 
 
 _policy = ReadPolicy()
-_retries = collections.Counter()   # per process: a loader worker reports its own
+_retry_count = 0   # per process: each loader worker reports its own
 _lock = threading.Lock()
 
 
 def configure_reads(policy: ReadPolicy) -> None:
     """Set this process's read policy and zero its retry count (a loader worker calls it first)."""
-    global _policy
-    _policy = policy
+    global _policy, _retry_count
     with _lock:
-        _retries.clear()
+        _policy, _retry_count = policy, 0
 
 
 def read_retries() -> int:
     """Retries of failed reads in this process since configure_reads."""
-    with _lock:
-        return _retries["retries"]
+    return _retry_count
 
 
 def _count_retry() -> None:
+    global _retry_count
     with _lock:
-        _retries["retries"] += 1
+        _retry_count += 1
 
 
 def _filesystem(url: str, policy: ReadPolicy):
