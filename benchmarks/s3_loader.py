@@ -69,7 +69,7 @@ def main() -> None:
         configs = [(f"local files, {w} worker(s)", shards["train_shards"], w, 0, 0) for w in (1, 2)]
         configs += [(f"s3{' +%g ms' % args.latency_ms if lat else ''}, {w} worker(s), read-ahead {ra}",
                      remote, w, ra, lat)
-                    for lat in (0, args.latency_ms) for w in (1, 2) for ra in (0, 1)]
+                    for lat in (0, args.latency_ms) for w in (1, 2) for ra in (0, 1, 2)]
         results: dict[str, list[float]] = {name: [] for name, *_ in configs}
         for _ in range(args.repeats):
             for name, spec, workers, read_ahead, latency in configs:

@@ -185,7 +185,8 @@ def ensure_writable_dir(path: Path | RemotePath) -> Path | RemotePath:
             fs.pipe_file(probe, b"ok")
             fs.rm_file(probe)
         except Exception as e:  # noqa: BLE001 - the storage library's own types; one line
-            raise DataError(f"output folder {path} is not writable: {type(e).__name__}: {e}") from None
+            raise DataError(f"output folder {path} is not writable: "
+                            f"{type(e).__name__}: {e}") from None
         return path
     path = Path(path)
     try:
@@ -268,7 +269,8 @@ RUN_ONLY_ARGUMENTS = {"func", "command", "workers", "progress", "overwrite", "ou
 def content_arguments(args: argparse.Namespace) -> dict:
     """The parsed options that define a shard set's content, for its manifest and plan: what
     only changes how the run goes (workers, progress bar) is left out, paths are made absolute."""
-    return {k: str(Path(v).resolve()) if isinstance(v, Path) else str(v) if isinstance(v, RemotePath) else v
+    return {k: str(Path(v).resolve()) if isinstance(v, Path) else
+            str(v) if isinstance(v, RemotePath) else v
             for k, v in sorted(vars(args).items()) if k not in RUN_ONLY_ARGUMENTS}
 
 
@@ -344,7 +346,8 @@ def write_shard(source: Source, plan: ShardPlan, shard: int, progress=None) -> S
         os.replace(partial, final)
         if plan.remote is not None:   # the shard whole, then its record; the staging copy goes
             (plan.remote / name).put(final)
-            (plan.remote / PROGRESS_DIR / f"{name}.json").put(plan.out_dir / PROGRESS_DIR / f"{name}.json")
+            record_name = f"{PROGRESS_DIR}/{name}.json"
+            (plan.remote / record_name).put(plan.out_dir / record_name)
             final.unlink()
     except (OSError, DataError) as e:
         partial.unlink(missing_ok=True)
@@ -383,7 +386,8 @@ class ShardSetWriter:
     into the plan fingerprint: a rerun with other arguments is refused unless `overwrite`).
     """
 
-    def __init__(self, out_dir: Path | RemotePath, *, source: str, arguments: dict, prefix: str = "shard",
+    def __init__(self, out_dir: Path | RemotePath, *, source: str, arguments: dict,
+                 prefix: str = "shard",
                  samples_per_shard: int = 10000, workers: int = 1, progress: bool = True,
                  overwrite: bool = False):
         if samples_per_shard < 1:
@@ -508,7 +512,8 @@ class ShardSetWriter:
         if self.remote is not None:
             fs, root = (self.remote / PROGRESS_DIR).fs()
             fs.invalidate_cache(root)
-            records = [(None, fs.cat_file(path).decode()) for path in sorted(fs.glob(f"{root}/*.json"))]
+            records = [(None, fs.cat_file(path).decode())
+                       for path in sorted(fs.glob(f"{root}/*.json"))]
             return read_text(str(self.remote / MANIFEST_NAME)), records
         manifest_path = self.out_dir / MANIFEST_NAME
         manifest = manifest_path.read_text() if manifest_path.is_file() else None

@@ -121,7 +121,8 @@ def _stats(values) -> dict | None:
             "max": float(array.max())}
 
 
-def verify_folder(folder: Path | RemotePath, workers: int = 1, write_sizes_json: bool = True) -> dict:
+def verify_folder(folder: Path | RemotePath, workers: int = 1,
+                  write_sizes_json: bool = True) -> dict:
     """The verify report of one shard set (and sizes.json rebuilt from its valid counts)."""
     if isinstance(folder, RemotePath):
         shards = list_tars(folder.url)

@@ -1,6 +1,6 @@
 """One S3 server (moto, tests/helpers/s3.py) for the storage tests, with a bucket `shards` and the
-synthetic shard set uploaded to s3://shards/train (shards + sizes.json), val/ and zeroshot/; AWS_* variables point
-every client (this process and its subprocesses) at it."""
+synthetic shard set uploaded to s3://shards/train (shards + sizes.json), val/ and zeroshot/;
+AWS_* variables point every client (this process and its subprocesses) at it."""
 from __future__ import annotations
 
 import os

@@ -116,4 +116,4 @@ def test_two_ranks_read_every_sample_once_from_s3(s3_shards, workers):
         keys.append([k for batch in loader for k in batch["key"]])
         assert loader.stats()["samples_dropped"] == 0
     assert len(keys[0]) == len(keys[1]) == 64
-    assert sorted(keys[0] + keys[1]) == sorted(set(keys[0] + keys[1])) and len(set(keys[0] + keys[1])) == 128
+    assert len(set(keys[0]) | set(keys[1])) == 128   # 128 distinct keys in 128 samples: each once

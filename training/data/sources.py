@@ -276,7 +276,8 @@ class _PipeStream(io.RawIOBase):
             try:
                 status = self.process.wait(timeout=self.timeout_s)
             except subprocess.TimeoutExpired:
-                raise TimeoutError(f"command did not exit {self.timeout_s:g} s after its output ended") from None
+                raise TimeoutError(
+                    f"command did not exit {self.timeout_s:g} s after its output ended") from None
             if status != 0:
                 raise OSError(f"command exited with status {status}")
         return len(data)
@@ -417,4 +418,5 @@ def _forget(url: str, future: Future | None) -> None:
 def _discard(future: Future | None) -> None:
     if future is None:
         return
-    future.add_done_callback(lambda f: not f.cancelled() and f.exception() is None and f.result().close())
+    future.add_done_callback(
+        lambda f: not f.cancelled() and f.exception() is None and f.result().close())
