@@ -42,6 +42,14 @@ def test_s3_epoch_equals_local_epoch(s3_shards, local_epoch, read_ahead, caplog)
     assert "counting its samples" not in caplog.text  # sizes.json came from the bucket
 
 
+def test_resampled_s3_stream_equals_local_stream(s3_shards):
+    """Read-ahead draws the next shards early from the same seeded RNG: the stream is unchanged."""
+    cfg = dict(resampled=True, samples_per_epoch=96, read_ahead=2)
+    local, _ = epoch(s3_shards["local"]["train_shards"], **cfg)
+    remote, stats = epoch(s3_shards["train"], **cfg)
+    assert len(remote) == 12 and same_batches(remote, local) and stats["read_retries"] == 0
+
+
 @pytest.mark.parametrize("fault,workers", [("error", 0), ("drop", 1), ("stall", 0)])
 def test_injected_faults_are_retried_and_counted(s3, s3_shards, local_epoch, fault, workers):
     """Every 3rd shard GET fails (500 / connection dropped mid-body / no answer within the
