@@ -8,7 +8,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from data_tools.images import add_image_arguments, options_from_args
-from data_tools.shards import add_writer_arguments, ensure_writable_dir
+from data_tools.shards import add_writer_arguments, ensure_writable_dir, location
 from data_tools.sources import (ID_TYPES, Record, existing_dir, load_json, optional, require,
                                 write_records)
 
@@ -60,7 +60,8 @@ def _annotation_order(item):
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "coco", help="COCO captions json + image folder -> shards (one sample per image)")
-    parser.add_argument("out", type=Path, help="output folder for the shard set")
+    parser.add_argument("out", type=location,
+                        help="output folder (or s3:// / gs:// URL) for the shard set")
     parser.add_argument("--captions", type=Path, required=True,
                         help="captions_train2017.json, captions_val2014.json, ...")
     parser.add_argument("--images", type=Path, required=True,

@@ -10,7 +10,7 @@ from pathlib import Path
 from data_tools.errors import DataError
 from data_tools.images import add_image_arguments, options_from_args
 from data_tools.shards import (add_writer_arguments, content_arguments, ensure_writable_dir,
-                               plain_name)
+                               location, plain_name)
 from data_tools.sources import (ID_TYPES, Record, existing_dir, load_json, optional, require,
                                 write_records)
 
@@ -48,7 +48,8 @@ def read_karpathy(path: Path, image_root: Path) -> tuple[str, dict[str, list[Rec
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "karpathy", help="Karpathy split json -> one shard set per split (OUT/<split>/)")
-    parser.add_argument("out", type=Path, help="output folder (one subfolder per split)")
+    parser.add_argument("out", type=location,
+                        help="output folder or s3:// / gs:// URL (one subfolder per split)")
     parser.add_argument("--annotations", type=Path, required=True,
                         help="dataset_coco.json or dataset_flickr30k.json")
     parser.add_argument("--images", type=Path, required=True,

@@ -13,7 +13,7 @@ from pathlib import Path
 from data_tools.errors import DataError
 from data_tools.images import add_image_arguments, options_from_args
 from data_tools.shards import (add_writer_arguments, atomic_write_text, ensure_writable_dir,
-                               plain_name, write_label_files)
+                               location, plain_name, write_label_files)
 from data_tools.sources import Record, existing_dir, write_records
 
 TABLE_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".parquet": "parquet"}
@@ -107,7 +107,8 @@ def add_csv_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "csv", help="CSV/TSV/JSONL/parquet table of image path + caption -> shards")
     parser.add_argument("table", type=Path, help="the table file")
-    parser.add_argument("out", type=Path, help="output folder for the shard set")
+    parser.add_argument("out", type=location,
+                        help="output folder (or s3:// / gs:// URL) for the shard set")
     parser.add_argument("--format", choices=["auto"] + sorted(set(TABLE_FORMATS.values())),
                         default="auto", help="table format (default: from the extension)")
     parser.add_argument("--image-column", default="filepath",

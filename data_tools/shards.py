@@ -9,6 +9,12 @@ shards and redoes only the missing ones. Tar members carry fixed metadata (mtime
 sorted order) and encoders are deterministic, so the result is byte-identical to an
 uninterrupted run. At the end sizes.json and manifest.json are written atomically (the shard
 contract: docs/data.md).
+
+The output may be an object store folder (`s3://bucket/prefix`, `gs://...`: a `RemotePath`): each
+shard is then written to a local staging folder and uploaded whole once complete (an object is
+only visible under its name after its upload finished, so no partial shard ever is), then its
+progress record; resume reads the records back from the bucket. Credentials and the endpoint come
+from the environment / config files (docs/data.md, "Object storage").
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ import queue as queue_module
 import re
 import shutil
 import tarfile
+import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +40,7 @@ from tqdm import tqdm
 
 from data_tools import __version__
 from data_tools.errors import DataError, Skip
+from training.data.sources import read_text
 from training.files import write_bytes_atomic
 
 MANIFEST_NAME = "manifest.json"
@@ -81,6 +89,7 @@ class ShardPlan:
     samples_per_shard: int
     num_items: int
     fingerprint: str
+    remote: RemotePath | None = None   # upload finished shards there (out_dir is then staging)
 
     @property
     def num_shards(self) -> int:
@@ -97,6 +106,45 @@ class ShardPlan:
         return f"{index:0{max(KEY_DIGITS, len(str(self.num_items)))}d}"
 
 
+# ---------------------------------------------------------------- output locations
+
+
+@dataclass(frozen=True)
+class RemotePath:
+    """A folder or file in object storage, by URL; joins with `/` like a Path."""
+
+    url: str
+
+    def __truediv__(self, name: str) -> "RemotePath":
+        return RemotePath(f"{self.url.rstrip('/')}/{name}")
+
+    @property
+    def name(self) -> str:
+        return self.url.rstrip("/").rsplit("/", 1)[-1]
+
+    def __str__(self) -> str:
+        return self.url
+
+    def fs(self):
+        """(fsspec filesystem, path inside it); the library's own retries apply to writes."""
+        import fsspec
+
+        return fsspec.core.url_to_fs(self.url)
+
+    def put(self, local: Path) -> None:
+        """Upload a local file under this name: one PUT (or a multipart upload), visible whole."""
+        fs, path = self.fs()
+        try:
+            fs.put_file(str(local), path)
+        except Exception as e:  # noqa: BLE001 - the storage library's own types; one line
+            raise DataError(f"cannot upload {self}: {type(e).__name__}: {e}") from None
+
+
+def location(text: str) -> Path | RemotePath:
+    """A folder argument: a local Path, or a RemotePath for a URL (s3://bucket/prefix, gs://...)."""
+    return RemotePath(text.rstrip("/")) if "://" in text else Path(text)
+
+
 # ---------------------------------------------------------------- small file helpers (public)
 
 
@@ -108,8 +156,13 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """training/files.py's atomic write; a failure is the one-line output error."""
+def atomic_write_bytes(path: Path | RemotePath, data: bytes) -> None:
+    """training/files.py's atomic write (an object store PUT is atomic by itself); a failure is
+    the one-line output error."""
+    if isinstance(path, RemotePath):
+        with tempfile.TemporaryDirectory(prefix="clip-data-") as staging:
+            local = write_bytes_atomic(Path(staging) / path.name, data)
+            return path.put(local)
     try:
         write_bytes_atomic(path, data)
     except OSError as e:
@@ -125,8 +178,17 @@ def atomic_write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=False, ensure_ascii=False) + "\n")
 
 
-def ensure_writable_dir(path: Path) -> Path:
+def ensure_writable_dir(path: Path | RemotePath) -> Path | RemotePath:
     """Create `path` if needed and prove a file can be written there, before any real work."""
+    if isinstance(path, RemotePath):
+        fs, probe = (path / ".write-probe").fs()
+        try:
+            fs.pipe_file(probe, b"ok")
+            fs.rm_file(probe)
+        except Exception as e:  # noqa: BLE001 - the storage library's own types; one line
+            raise DataError(f"output folder {path} is not writable: "
+                            f"{type(e).__name__}: {e}") from None
+        return path
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -151,9 +213,9 @@ def plain_name(name, where: str) -> str:
     return name
 
 
-def write_sizes(out_dir: Path, counts: dict[str, int]) -> None:
+def write_sizes(out_dir: Path | RemotePath, counts: dict[str, int]) -> None:
     """sizes.json: {shard basename: sample count}, what open_clip's trainer reads."""
-    atomic_write_json(Path(out_dir) / SIZES_NAME, dict(sorted(counts.items())))
+    atomic_write_json(out_dir / SIZES_NAME, dict(sorted(counts.items())))
 
 
 def write_manifest(out_dir: Path, *, source: str, arguments: dict, records: list[ShardRecord],
@@ -184,7 +246,7 @@ def write_manifest(out_dir: Path, *, source: str, arguments: dict, records: list
     }
     if extra:
         manifest.update(extra)
-    atomic_write_json(Path(out_dir) / MANIFEST_NAME, manifest)
+    atomic_write_json(out_dir / MANIFEST_NAME, manifest)
     return manifest
 
 
@@ -198,8 +260,8 @@ def write_label_files(out_dir: Path, classnames: list[str], templates) -> None:
     for template in templates:
         if "{c}" not in template:
             raise DataError(f"zero-shot template {template!r} has no {{c}} placeholder")
-    atomic_write_text(Path(out_dir) / CLASSNAMES_NAME, "".join(f"{c}\n" for c in classnames))
-    atomic_write_text(Path(out_dir) / TEMPLATES_NAME, "".join(f"{t}\n" for t in templates))
+    atomic_write_text(out_dir / CLASSNAMES_NAME, "".join(f"{c}\n" for c in classnames))
+    atomic_write_text(out_dir / TEMPLATES_NAME, "".join(f"{t}\n" for t in templates))
 
 
 def add_writer_arguments(parser: argparse.ArgumentParser) -> None:
@@ -222,7 +284,8 @@ RUN_ONLY_ARGUMENTS = {"func", "command", "workers", "progress", "overwrite", "ou
 def content_arguments(args: argparse.Namespace) -> dict:
     """The parsed options that define a shard set's content, for its manifest and plan: what
     only changes how the run goes (workers, progress bar) is left out, paths are made absolute."""
-    return {k: str(Path(v).resolve()) if isinstance(v, Path) else v
+    return {k: str(Path(v).resolve()) if isinstance(v, Path) else
+            str(v) if isinstance(v, RemotePath) else v
             for k, v in sorted(vars(args).items()) if k not in RUN_ONLY_ARGUMENTS}
 
 
@@ -296,6 +359,11 @@ def write_shard(source: Source, plan: ShardPlan, shard: int, progress=None) -> S
                              skipped_examples=examples)
         _save_progress_record(plan, record)
         os.replace(partial, final)
+        if plan.remote is not None:   # the shard whole, then its record; the staging copy goes
+            (plan.remote / name).put(final)
+            record_name = f"{PROGRESS_DIR}/{name}.json"
+            (plan.remote / record_name).put(plan.out_dir / record_name)
+            final.unlink()
     except (OSError, DataError) as e:
         partial.unlink(missing_ok=True)
         raise (_output_error(final, e) if isinstance(e, OSError) else e) from None
@@ -325,13 +393,16 @@ def _write_shard_in_worker(shard: int) -> ShardRecord:
 
 
 class ShardSetWriter:
-    """Writes one shard set: `{prefix}-{000000..}.tar` + sizes.json + manifest.json in `out_dir`.
+    """Writes one shard set: `{prefix}-{000000..}.tar` + sizes.json + manifest.json in `out_dir`
+    (a folder, or a RemotePath: shards are then staged in a local temporary folder, uploaded
+    whole and deleted one by one).
 
     `arguments` are the options that define the content (recorded in the manifest and hashed
     into the plan fingerprint: a rerun with other arguments is refused unless `overwrite`).
     """
 
-    def __init__(self, out_dir: Path, *, source: str, arguments: dict, prefix: str = "shard",
+    def __init__(self, out_dir: Path | RemotePath, *, source: str, arguments: dict,
+                 prefix: str = "shard",
                  samples_per_shard: int = 10000, workers: int = 1, progress: bool = True,
                  overwrite: bool = False):
         if samples_per_shard < 1:
@@ -340,7 +411,9 @@ class ShardSetWriter:
             raise DataError(f"--workers must be at least 1, got {workers}")
         if not prefix or "." in prefix or "/" in prefix:
             raise DataError(f"--prefix must be non-empty without '.' or '/', got {prefix!r}")
-        self.out_dir = Path(out_dir)
+        self.remote = out_dir if isinstance(out_dir, RemotePath) else None
+        self.target = out_dir if self.remote else Path(out_dir)
+        self.out_dir = self.target   # where shards are written: a staging folder when remote
         self.source_name = source
         self.arguments = arguments
         self.prefix = prefix
@@ -355,11 +428,22 @@ class ShardSetWriter:
                     "samples_per_shard": self.samples_per_shard, "items": num_items}
         fingerprint = hashlib.sha256(
             json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        return ShardPlan(self.out_dir, self.prefix, self.samples_per_shard, num_items, fingerprint)
+        return ShardPlan(self.out_dir, self.prefix, self.samples_per_shard, num_items, fingerprint,
+                         self.remote)
 
     def write(self, source: Source, extra_manifest: dict | None = None) -> dict:
         """Write every shard not already finished; return the manifest."""
-        ensure_writable_dir(self.out_dir)
+        ensure_writable_dir(self.target)
+        if self.remote is None:
+            return self._write(source, extra_manifest)
+        with tempfile.TemporaryDirectory(prefix="clip-data-staging-") as staging:
+            self.out_dir = Path(staging)
+            try:
+                return self._write(source, extra_manifest)
+            finally:
+                self.out_dir = self.target
+
+    def _write(self, source: Source, extra_manifest: dict | None) -> dict:
         plan = self.plan(len(source))
         done = self._finished_shards(plan)
         todo = [s for s in range(plan.num_shards) if s not in done]
@@ -367,20 +451,22 @@ class ShardSetWriter:
             stale.unlink()
         with tqdm(total=plan.num_items, unit="sample", smoothing=0.1,
                   initial=sum(len(plan.items(s)) for s in done), disable=not self.progress,
-                  desc=f"{self.source_name} -> {self.out_dir.name}", dynamic_ncols=True) as bar:
+                  desc=f"{self.source_name} -> {self.target.name}", dynamic_ncols=True) as bar:
             if self.workers == 1 or len(todo) <= 1:
                 for shard in todo:
                     done[shard] = write_shard(source, plan, shard, bar.update)
             else:
                 done.update(self._write_in_pool(source, plan, todo, bar))
         records = [done[s] for s in range(plan.num_shards)]
-        write_sizes(self.out_dir, {r.name: r.count for r in records})
+        write_sizes(self.target, {r.name: r.count for r in records})
         manifest = write_manifest(
-            self.out_dir, source=self.source_name, arguments=self.arguments, records=records,
+            self.target, source=self.source_name, arguments=self.arguments, records=records,
             plan=plan.fingerprint, extra=extra_manifest,
             pre_skipped=getattr(source, "pre_skipped", None),
             pre_skipped_examples=getattr(source, "pre_skipped_examples", None))
         shutil.rmtree(self.out_dir / PROGRESS_DIR, ignore_errors=True)
+        if self.remote is not None:
+            self._remove_remote(self.remote / PROGRESS_DIR, recursive=True)
         return manifest
 
     def _write_in_pool(self, source, plan, todo, bar) -> dict[int, ShardRecord]:
@@ -419,20 +505,42 @@ class ShardSetWriter:
                 return {}
             records[entry["name"]] = ShardRecord(**entry)
         done = {}
+        remote_sizes = self._remote_sizes() if self.remote else {}
         for shard in range(plan.num_shards):
             record = records.get(plan.shard_name(shard))
             path = self.out_dir / plan.shard_name(shard)
-            if record and path.is_file() and path.stat().st_size == record.bytes \
+            if record and self.remote and remote_sizes.get(record.name) == record.bytes:
+                done[shard] = record   # uploads are whole: the size identifies the finished one
+            elif record and path.is_file() and path.stat().st_size == record.bytes \
                     and sha256_file(path) == record.sha256:
                 done[shard] = record
         return done
 
+    def _remote_sizes(self) -> dict[str, int]:
+        fs, root = self.remote.fs()
+        fs.invalidate_cache(root)   # listings are cached per filesystem instance
+        return {path.rsplit("/", 1)[-1]: info["size"]
+                for path, info in fs.glob(f"{root}/{self.prefix}-*.tar", detail=True).items()}
+
+    def _previous_texts(self) -> tuple[str | None, list[tuple[Path | None, str]]]:
+        """manifest.json's text (None if absent) and each progress record's (local path, text)."""
+        if self.remote is not None:
+            fs, root = (self.remote / PROGRESS_DIR).fs()
+            fs.invalidate_cache(root)
+            records = [(None, fs.cat_file(path).decode())
+                       for path in sorted(fs.glob(f"{root}/*.json"))]
+            return read_text(str(self.remote / MANIFEST_NAME)), records
+        manifest_path = self.out_dir / MANIFEST_NAME
+        manifest = manifest_path.read_text() if manifest_path.is_file() else None
+        return manifest, [(path, path.read_text())
+                          for path in sorted((self.out_dir / PROGRESS_DIR).glob("*.json"))]
+
     def _previous_records(self) -> list[dict]:
         entries = []
-        manifest_path = self.out_dir / MANIFEST_NAME
-        if manifest_path.is_file():
+        manifest_text, progress = self._previous_texts()
+        if manifest_text is not None:
             try:
-                manifest = json.loads(manifest_path.read_text())
+                manifest = json.loads(manifest_text)
                 for shard in manifest.get("shards", []):
                     examples = {k: [e for e in v if e.get("shard") == shard["name"]]
                                 for k, v in manifest.get("skipped_examples", {}).items()}
@@ -440,14 +548,26 @@ class ShardSetWriter:
                                     "skipped_examples": {k: v for k, v in examples.items() if v}})
             except (ValueError, KeyError, TypeError):
                 entries.append({"plan": "unreadable manifest"})
-        for path in sorted((self.out_dir / PROGRESS_DIR).glob("*.json")):
+        for path, text in progress:
             try:
-                entries.append(json.loads(path.read_text()))
+                entries.append(json.loads(text))
             except ValueError:
-                path.unlink()  # a torn record: that shard is simply redone
+                if path is not None:
+                    path.unlink()  # a torn record: that shard is simply redone
         return entries
 
+    def _remove_remote(self, target: RemotePath, recursive: bool = False) -> None:
+        fs, path = target.fs()
+        if fs.exists(path):
+            fs.rm(path, recursive=recursive)
+
     def _clear(self) -> None:
+        if self.remote is not None:
+            for name in self._remote_sizes():
+                self._remove_remote(self.remote / name)
+            for name in (MANIFEST_NAME, SIZES_NAME):
+                self._remove_remote(self.remote / name)
+            self._remove_remote(self.remote / PROGRESS_DIR, recursive=True)
         for path in self.out_dir.glob(f"{self.prefix}-*.tar"):
             path.unlink()
         for name in (MANIFEST_NAME, SIZES_NAME):

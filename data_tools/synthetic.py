@@ -21,7 +21,8 @@ from PIL import Image, ImageDraw
 from data_tools.errors import DataError
 from data_tools.images import FORMATS, ImageOptions, encode_image
 from data_tools.shards import (ShardSetWriter, add_writer_arguments, ensure_writable_dir,
-                               write_label_files)
+                               location, write_label_files)
+from training.data.sources import read_text
 
 SHAPES = ("circle", "square", "triangle", "cross")
 PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
@@ -170,7 +171,7 @@ def write_synthetic(out_dir: Path, *, train: int = 10000, val: int = 1000, zeros
         raise DataError(f"--image-size must be at least 16, got {image_size}")
     if image_format not in FORMATS:
         raise DataError(f"--image-format must be one of {sorted(FORMATS)}, got {image_format!r}")
-    ensure_writable_dir(out_dir)
+    out_dir = ensure_writable_dir(location(str(out_dir)))
     folders = {}
     for split, size in (("train", train), ("val", val), ("zeroshot", zeroshot)):
         if size < 0:
@@ -180,7 +181,7 @@ def write_synthetic(out_dir: Path, *, train: int = 10000, val: int = 1000, zeros
         source = SyntheticSource(split, size, image_size, seed, image_format)
         arguments = {"split": split, "size": size, "image_size": image_size, "seed": seed,
                      "image_format": image_format}
-        folder = Path(out_dir) / split
+        folder = out_dir / split
         ShardSetWriter(folder, source="synthetic", arguments=arguments, prefix=prefix,
                        samples_per_shard=samples_per_shard, workers=workers, progress=progress,
                        overwrite=overwrite).write(source)
@@ -194,7 +195,8 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "synthetic", help="write the embedded synthetic set (train/, val/, zeroshot/)",
         description="Coloured shapes whose captions describe them; deterministic by --seed.")
-    parser.add_argument("out", type=Path, help="output folder (train/, val/, zeroshot/ inside)")
+    parser.add_argument("out", type=location,
+                        help="output folder or s3:// / gs:// URL (train/, val/, zeroshot/ inside)")
     parser.add_argument("--train", type=int, default=10000,
                         help="training samples (default: %(default)s)")
     parser.add_argument("--val", type=int, default=1000,
@@ -219,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
                               workers=args.workers, progress=args.progress,
                               overwrite=args.overwrite)
     for split, folder in folders.items():
-        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest = json.loads(read_text(str(folder / "manifest.json")))  # local or remote
         print(f"{split}: {manifest['written']} samples in {len(manifest['shards'])} shards -> "
               f"{folder}")
     return 0

@@ -1,13 +1,18 @@
 """`clip-data verify`: open every shard of a set, decode every sample, report counts, corrupt
 samples (shard and key), caption lengths and image sizes, check sha256 against manifest.json,
-and rebuild sizes.json. Works on our shard sets and on img2dataset's output alike."""
+and rebuild sizes.json. Works on our shard sets and on img2dataset's output alike, in a local
+folder or in object storage (s3://bucket/prefix: each shard is downloaded to a temporary file
+with the training reader's retries, then checked like a local one)."""
 from __future__ import annotations
 
 import argparse
 import io
 import json
+import contextlib
 import multiprocessing
+import shutil
 import tarfile
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +21,9 @@ import numpy as np
 from PIL import Image
 
 from data_tools.errors import DataError
-from data_tools.shards import MANIFEST_NAME, SIZES_NAME, sha256_file, write_sizes
+from data_tools.shards import (MANIFEST_NAME, SIZES_NAME, RemotePath, location, sha256_file,
+                               write_sizes)
+from training.data.sources import list_tars, open_url, read_text
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
@@ -62,11 +69,29 @@ def _has_caption(members: dict[str, bytes]) -> bool:
                                           for c in meta.get("captions") or [])
 
 
-def verify_shard(path: Path) -> ShardReport:
+@contextlib.contextmanager
+def _local_file(path: str | Path):
+    """`path` itself, or for a URL a temporary local copy (deleted afterwards)."""
+    if "://" not in str(path):
+        yield Path(path)
+        return
+    with tempfile.NamedTemporaryFile(prefix="clip-data-verify-", suffix=".tar") as copy:
+        with open_url(str(path)) as remote:
+            shutil.copyfileobj(remote, copy, 1 << 22)
+        copy.flush()
+        yield Path(copy.name)
+
+
+def verify_shard(path: str | Path) -> ShardReport:
     """Decode every member; a sample is valid when all its members decode and it has an
     image and a caption (or a class label). A tar that cannot be read to its end is reported
     under key "<tar>"."""
-    report = ShardReport(Path(path).name)
+    with _local_file(path) as local:
+        return _verify_local_shard(local, Path(str(path)).name)
+
+
+def _verify_local_shard(path: Path, name: str) -> ShardReport:
+    report = ShardReport(name)
     samples: dict[str, dict[str, bytes]] = {}
     try:
         with tarfile.open(path, "r") as tar:
@@ -110,14 +135,19 @@ def _stats(values) -> dict | None:
             "max": float(array.max())}
 
 
-def verify_folder(folder: Path, workers: int = 1, write_sizes_json: bool = True) -> dict:
+def verify_folder(folder: Path | RemotePath, workers: int = 1,
+                  write_sizes_json: bool = True) -> dict:
     """The verify report of one shard set (and sizes.json rebuilt from its valid counts)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DataError(f"{folder} is not a folder")
-    shards = list_shards(folder)
+    if isinstance(folder, RemotePath):
+        shards = list_tars(folder.url)
+    else:
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise DataError(f"{folder} is not a folder")
+        shards = list_shards(folder)
     if not shards:
-        splits = sorted(p for p in folder.iterdir() if p.is_dir() and list_shards(p))
+        splits = sorted(p for p in folder.iterdir() if p.is_dir() and list_shards(p)) \
+            if isinstance(folder, Path) else []
         where = f"; its split folders hold them: verify {' '.join(map(str, splits))}" if splits else ""
         raise DataError(f"{folder} holds no .tar shards{where}")
     if workers > 1:
@@ -146,11 +176,11 @@ def verify_folder(folder: Path, workers: int = 1, write_sizes_json: bool = True)
 
 def _manifest_problems(folder: Path, reports: list[ShardReport]) -> list[dict]:
     """Shards that differ from, or are missing against, the sha256 list of manifest.json."""
-    path = folder / MANIFEST_NAME
-    if not path.is_file():
+    text = read_text(str(folder / MANIFEST_NAME))  # local or remote; None when absent
+    if text is None:
         return []
     try:
-        listed = {s["name"]: s["sha256"] for s in json.loads(path.read_text())["shards"]}
+        listed = {s["name"]: s["sha256"] for s in json.loads(text)["shards"]}
     except (ValueError, KeyError, TypeError) as e:
         return [{"shard": MANIFEST_NAME, "key": "-", "reason": f"unreadable_manifest: {e}"}]
     found = {r.name: r.sha256 for r in reports}
@@ -164,11 +194,11 @@ def _manifest_problems(folder: Path, reports: list[ShardReport]) -> list[dict]:
 def _sizes_problems(folder: Path, reports: list[ShardReport]) -> list[dict]:
     """Shards whose sizes.json entry differs from their valid samples. Trainers plan epochs from
     sizes.json: a count too low silently shortens every epoch, one too high leaves it short."""
-    path = folder / SIZES_NAME
-    if not path.is_file():
+    text = read_text(str(folder / SIZES_NAME))  # local or remote; None when absent
+    if text is None:
         return []
     try:
-        listed = json.loads(path.read_text())
+        listed = json.loads(text)
         listed = {name: int(count) for name, count in listed.items()}
     except (ValueError, TypeError, AttributeError) as e:
         return [{"shard": SIZES_NAME, "key": "-", "reason": f"unreadable_sizes_json: {e}"}]
@@ -196,7 +226,8 @@ def format_report(report: dict, max_corrupt: int = 20) -> str:
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "verify", help="decode every sample of shard sets, report, rebuild sizes.json")
-    parser.add_argument("folders", type=Path, nargs="+", help="shard set folders")
+    parser.add_argument("folders", type=location, nargs="+",
+                        help="shard set folders (or s3:// / gs:// URLs)")
     parser.add_argument("--report-only", action="store_true",
                         help="exit 0 even when corrupt samples are found")
     parser.add_argument("--json", type=Path, default=None, help="write the full report here")

@@ -56,7 +56,7 @@ log = logging.getLogger("training")
 
 PREEMPT_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 # The loader's counters reported in the metrics (summed over ranks, per epoch).
-DATA_COUNTERS = ("samples_read", "corrupt_skipped", "shard_errors", "samples_repeated")
+DATA_COUNTERS = ("samples_read", "corrupt_skipped", "shard_errors", "samples_repeated", "read_retries")
 
 
 def seed_everything(seed: int) -> None:

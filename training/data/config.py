@@ -7,6 +7,7 @@ before any work; the loader trusts a validated config. Light on purpose (no torc
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -29,6 +30,11 @@ class DataConfig:
     shuffle_buffer: int = 1000
     max_corrupt_fraction: float = 0.01  # stop with an error above this fraction of bad samples
     corrupt_min_samples: int = 1000  # ... once at least this many samples were read
+    # Non-local reads (pipe:, http(s), s3://, gs://, ...): docs/data-pipeline.md, "Remote shards"
+    read_timeout_s: float = 60.0  # a read that gets no byte for this long failed
+    read_retries: int = 3  # retries of a failed read (backoff doubling), then a one-line error
+    retry_backoff_s: float = 1.0  # wait before the first retry
+    read_ahead: int = 1  # remote shards each worker downloads ahead of the one it reads
 
     def validate(self) -> None:
         """Every rule of the data section; raises ConfigError("key data.<name>: <message>")."""
@@ -42,12 +48,17 @@ class DataConfig:
                  f"unbalanced braces in {train!r} (a shard pattern looks like "
                  f"DIR/shard-{{000000..000009}}.tar)")
         for name, low in (("batch_size", 1), ("workers", 0), ("shuffle_buffer", 0),
-                          ("corrupt_min_samples", 0)):
+                          ("corrupt_min_samples", 0), ("read_retries", 0), ("read_ahead", 0)):
             value = getattr(self, name)
             _require(_is_int(value) and value >= low, name, f"must be an integer >= {low}, got {value!r}")
         fraction = self.max_corrupt_fraction
         _require(_is_number(fraction) and 0 <= fraction <= 1, "max_corrupt_fraction",
                  f"must be in [0, 1], got {fraction!r}")
+        timeout, backoff = self.read_timeout_s, self.retry_backoff_s
+        _require(_is_number(timeout) and 0 < timeout < math.inf, "read_timeout_s",
+                 f"must be a number of seconds > 0, got {timeout!r}")
+        _require(_is_number(backoff) and 0 <= backoff < math.inf, "retry_backoff_s",
+                 f"must be a number of seconds >= 0, got {backoff!r}")
         spe = self.samples_per_epoch
         _require(spe is None or (_is_int(spe) and spe > 0), "samples_per_epoch",
                  f"must be > 0 or null, got {spe!r}")

@@ -33,7 +33,8 @@ from .config import DataConfig
 from .order import SequenceReader
 from .plan import EpochPlan, plan_exact, plan_resampled
 from .samples import CorruptDataError, Sample, SampleAccount, check_sample, decode_image, read_shard
-from .sources import DataError, Source, parse_sources
+from .sources import (DataError, ReadPolicy, Source, configure_reads, parse_sources, read_ahead,
+                      read_retries)
 from .views import PairedViews, ViewSpec
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ class _TrainStream(IterableDataset):
         # i % num_workers, so a loader resuming at batch k lets its worker d play plan worker
         # (k + d) % num_workers: the round-robin then continues exactly where the first run stopped.
         worker = ((info.id if info is not None else 0) + self.skip_batches) % self.plan.num_workers
+        configure_reads(ReadPolicy.from_config(self.cfg))  # this process's timeouts; retries from 0
         try:
             yield from self._batches(worker)
         except DataError as exn:
@@ -117,7 +119,8 @@ class _TrainStream(IterableDataset):
         batch = self._collate([item if item is not None else usable[k % len(usable)]
                                for k, item in enumerate(items)])
         batch["__worker__"] = worker
-        batch["__account__"] = dict(account.snapshot(), repeated=self._repeated)
+        batch["__account__"] = dict(account.snapshot(), repeated=self._repeated,
+                                    read_retries=read_retries())
         return batch
 
     def _resampled_batches(self, worker: int, account: SampleAccount) -> Iterator[dict]:
@@ -136,7 +139,8 @@ class _TrainStream(IterableDataset):
             if len(pending) == cfg.batch_size:
                 batch = self._collate(pending)
                 batch["__worker__"] = worker
-                batch["__account__"] = dict(account.snapshot(), repeated=0)
+                batch["__account__"] = dict(account.snapshot(), repeated=0,
+                                            read_retries=read_retries())
                 yield batch
                 delivered, pending = delivered + 1, []
                 if delivered == quota:
@@ -160,8 +164,7 @@ class _TrainStream(IterableDataset):
     def _draw_shards(source: Source, tag: str, account: SampleAccount) -> Iterator[dict]:
         draw = random.Random(f"shards:{tag}")
         empty_draws = 0
-        while True:
-            url = draw.choice(source.urls)
+        for url in read_ahead(iter(lambda: draw.choice(source.urls), None)):
             found = 0
             for raw in read_shard(url, account):
                 found += 1
@@ -267,6 +270,7 @@ class TrainLoader:
             "samples_read": total("read"),
             "shard_errors": total("shard_errors"),
             "samples_repeated": total("repeated"),
+            "read_retries": total("read_retries"),
             "samples_dropped": self.plan.dropped,
         }
 
@@ -291,6 +295,7 @@ def build_train_loader(cfg: DataConfig, *, seed: int, student_preprocess: dict,
         raise DataError(f"rank {rank} is outside world_size {world_size}")
     if skip_batches < 0:
         raise DataError(f"skip_batches must be >= 0, got {skip_batches}")
+    configure_reads(ReadPolicy.from_config(cfg))  # also for counting samples while planning
     sources = parse_sources(cfg.train, cfg.train_weights)
     num_workers = max(cfg.workers, 1)
     if cfg.resampled:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Iterator, Optional
 
 from .samples import SampleAccount, read_shard
+from .sources import read_ahead
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +103,9 @@ class EpochOrder:
         short, unreadable) is its shard's url instead, so the indices stay aligned."""
         shard = bisect.bisect_right(self.starts, index) - 1
         skip = index - self.starts[shard]
-        for k in range(shard, len(self.shards)):
-            url, listed = self.shards[k], self.size(k)
+        # read_ahead: the next remote shards download while this one is read (sources.py)
+        for k, url in zip(range(shard, len(self.shards)), read_ahead(self.shards[shard:])):
+            listed = self.size(k)
             found = 0
             for raw in read_shard(url, account):
                 if found >= listed:

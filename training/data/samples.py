@@ -18,7 +18,7 @@ from typing import Iterator
 import PIL.Image
 from webdataset.tariterators import base_plus_ext
 
-from .sources import DataError, open_url
+from .sources import DataError, ShardReadError, open_url
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,6 @@ class Sample:
     image: bytes
     captions: list[str]
     label: int | None = None
-    pass_index: int = 0   # > 0: read again because corrupt samples left an exact epoch short
 
 
 def read_shard(url: str, account: "SampleAccount | None" = None) -> Iterator[dict]:
@@ -85,8 +84,10 @@ def read_shard(url: str, account: "SampleAccount | None" = None) -> Iterator[dic
 
 
 def _unreadable(url: str, exn: Exception, account: "SampleAccount | None") -> None:
+    if isinstance(exn, ShardReadError):
+        raise exn  # a read that failed for good (retries spent, missing object): one line, stop
     log.warning("unreadable shard %s: %s", url, exn)
-    if account is not None and not account.frozen:
+    if account is not None:
         account.shard_errors[url] += 1
 
 
@@ -159,18 +160,13 @@ class SampleAccount:
     skipped: Counter = field(default_factory=Counter)
     skipped_per_shard: Counter = field(default_factory=Counter)
     shard_errors: Counter = field(default_factory=Counter)
-    frozen: bool = False  # set when an exact epoch reads its shards again: count each sample once
 
     def ok(self, url: str) -> None:
-        if self.frozen:
-            return
         self.read += 1
         if self.read == self.min_samples:  # skips before the minimum were not checked yet
             self.check(url)
 
     def skip(self, reason: str, url: str, already_read: bool = False) -> None:
-        if self.frozen:
-            return
         self.read += not already_read
         self.skipped[reason] += 1
         self.skipped_per_shard[url] += 1

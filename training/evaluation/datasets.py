@@ -17,15 +17,18 @@ from __future__ import annotations
 import io
 import json
 import os
+import posixpath
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from training.data.sources import is_local, list_tars, open_url, read_text
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 CLASSNAMES_FILE = "classnames.txt"
@@ -40,7 +43,7 @@ class EvalDataError(ValueError):
 class EvalSet:
     """Where an evaluation set lives and what it carries; built by `open_eval_set`."""
 
-    path: Path
+    path: Path | str                            # a folder, or a URL for remote shards
     kind: str                                   # "shards" or "imagefolder"
     shards: list[str] = field(default_factory=list)
     classnames: list[str] | None = None         # from classnames.txt or the folder names
@@ -55,6 +58,11 @@ def open_eval_set(path: str | os.PathLike) -> EvalSet:
     write: OUT/classnames.txt + OUT/test/) is read through that split."""
     if str(path).endswith(".tar"):
         return _shard_pattern_set(str(path))
+    if not is_local(str(path)):  # a shard folder in object storage: s3://bucket/prefix, gs://...
+        shards = list_tars(str(path))
+        if not shards:
+            raise EvalDataError(f"{path}: no .tar shards")
+        return _shard_pattern_set("::".join(shards))
     path = Path(path)
     if not path.is_dir():
         raise EvalDataError(f"{path}: evaluation set not found (expected a folder of .tar shards "
@@ -99,19 +107,20 @@ def _shard_pattern_set(spec: str) -> EvalSet:
         shards = [url for part in spec.split("::") for url in braceexpand(part)]
     except ValueError as e:  # braceexpand.UnbalancedBracesError
         raise EvalDataError(f"{spec}: not a shard pattern: {e}") from None
-    missing = [url for url in shards if not Path(url).is_file()]
+    missing = [url for url in shards if is_local(url) and not Path(url).is_file()]
     if missing:
         raise EvalDataError(f"{spec}: shard {missing[0]} not found"
                             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    folder = Path(shards[0]).parent
-    return EvalSet(folder, "shards", shards, _read_lines(folder / CLASSNAMES_FILE),
-                   _read_lines(folder / TEMPLATES_FILE))
+    folder = posixpath.dirname(shards[0])  # a local path or a URL (s3://bucket/prefix)
+    return EvalSet(folder, "shards", shards, _read_lines(posixpath.join(folder, CLASSNAMES_FILE)),
+                   _read_lines(posixpath.join(folder, TEMPLATES_FILE)))
 
 
-def _read_lines(path: Path) -> list[str] | None:
-    if not path.exists():
+def _read_lines(path: str | Path) -> list[str] | None:
+    text = read_text(str(path))  # local or remote; None when absent
+    if text is None:
         return None
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def reader_share(n_shards: int, rank: int, world_size: int, whole_stream: bool = False
@@ -147,7 +156,8 @@ class ShardEvalDataset(IterableDataset):
         shard_start, shard_step, sample_start, sample_step = reader_share(
             len(self.shards), self.rank, self.world_size, whole_stream=self.max_samples is not None)
         urls = self.shards[shard_start::shard_step]
-        samples = wds.tarfile_samples([{"url": u} for u in urls])
+        # webdataset's tar reading on our streams (remote URLs with timeouts and retries)
+        samples = group_by_keys(tar_file_expander({"url": u, "stream": open_url(u)} for u in urls))
         for index, raw in enumerate(samples):
             if self.max_samples is not None and index >= self.max_samples:
                 return
