@@ -11,7 +11,7 @@ import torch
 from tests.helpers.data_pipeline import jpeg_bytes, train_loader, write_img2dataset_shard, write_tar
 from tests.helpers.http_server import ImageServer, Route
 from tests.helpers.shards import make_synthetic_shards
-from training.data import CorruptDataError, DataConfig
+from training.data import CorruptDataError, DataConfig, DataError
 
 BATCH = 8
 
@@ -38,6 +38,23 @@ def same_epoch(batches: list[dict], reference: list[dict]) -> bool:
 
 def test_local_epoch_reads_all_samples(local_epoch):
     assert len({k for b in local_epoch for k in b["key"]}) == 128
+
+
+def test_a_folder_or_a_glob_is_the_same_epoch_as_the_brace_pattern(shards, local_epoch, tmp_path):
+    folder = shards["train"]
+    assert same_epoch(run(str(folder)), local_epoch)
+    assert same_epoch(run(str(folder / "shard-*.tar")), local_epoch)
+    linked = tmp_path / "linked"  # a shard and clip_benchmark's 0.tar link to it: read once
+    linked.mkdir()
+    first = sorted(folder.glob("shard-*.tar"))[0]
+    (linked / first.name).write_bytes(first.read_bytes())
+    (linked / "0.tar").symlink_to(linked / first.name)
+    assert sum(len(b["key"]) for b in run(str(linked))) == 32
+    with pytest.raises(DataError, match=f"folder {tmp_path / 'empty'} holds no .tar shards"):
+        (tmp_path / "empty").mkdir()
+        run(str(tmp_path / "empty"))
+    with pytest.raises(DataError, match="no shard matches"):
+        run(str(folder / "nothing-*.tar"))
 
 
 def test_pipe_command_source(shards, local_epoch):

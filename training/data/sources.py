@@ -17,6 +17,7 @@ through fsspec's s3fs / gcsfs, never from our configs; nothing here logs them.
 from __future__ import annotations
 
 import collections
+import glob
 import io
 import json
 import logging
@@ -73,11 +74,39 @@ def parse_sources(spec: str, weights: Sequence[float] | None = None) -> list[Sou
     data.train_weights); here: local shards exist, fsspec filesystems are installed."""
     parts = [part.strip() for part in spec.split(SOURCE_SEPARATOR)]
     weights = [1.0] * len(parts) if weights is None else [float(w) for w in weights]
-    sources = [Source(part, tuple(braceexpand.braceexpand(part)), w) for part, w in zip(parts, weights)]
+    sources = [Source(part, expand_part(part), w) for part, w in zip(parts, weights)]
     urls = [url for source in sources for url in source.urls]
     check_local_shards_exist(urls)
     check_url_schemes(urls)
     return sources
+
+
+def expand_part(part: str) -> tuple[str, ...]:
+    """One source's shards: a local folder's .tar files, a local glob (`*`, `?`, `[`) sorted, or
+    a brace pattern / URL (`shard-{000000..000099}.tar`, `s3://b/p/{0..9}.tar`, `pipe:...`)."""
+    if is_local(part) and os.path.isdir(part):
+        shards = shard_files(part)
+        if not shards:
+            raise DataError(f"data.train: folder {part} holds no .tar shards")
+        return tuple(shards)
+    if is_local(part) and any(c in part for c in "*?["):
+        shards = sorted(path for path in glob.glob(part) if os.path.isfile(path))
+        if not shards:
+            raise DataError(f"data.train: no shard matches {part}")
+        return tuple(shards)
+    return tuple(braceexpand.braceexpand(part))
+
+
+def shard_files(folder: str | os.PathLike) -> list[str]:
+    """The folder's .tar shards, each file once: clip_benchmark's 0.tar, 1.tar, ... links (which
+    `clip-data folder` writes) name shards that are already in the folder."""
+    chosen: dict[str, str] = {}
+    paths = sorted(glob.glob(os.path.join(glob.escape(str(folder)), "*.tar")),
+                   key=lambda p: (os.path.islink(p), os.path.basename(p)))
+    for path in paths:
+        if os.path.isfile(path):
+            chosen.setdefault(os.path.realpath(path), path)
+    return sorted(chosen.values())
 
 
 def is_local(url: str) -> bool:

@@ -28,7 +28,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from training.data.sources import is_local, list_tars, open_url, read_text
+from training.data.sources import is_local, list_tars, open_url, read_text, shard_files
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 CLASSNAMES_FILE = "classnames.txt"
@@ -88,16 +88,6 @@ def open_eval_set(path: str | os.PathLike) -> EvalSet:
     if class_dirs:
         return EvalSet(path, "imagefolder", [], classnames or class_dirs, templates)
     raise EvalDataError(f"{path}: no .tar shards and no class folders")
-
-
-def shard_files(folder: Path) -> list[str]:
-    """The folder's .tar shards, each file once: clip_benchmark's 0.tar, 1.tar, ... links (which
-    `clip-data folder` writes) name shards that are already in the folder."""
-    chosen: dict[Path, Path] = {}
-    for p in sorted(folder.glob("*.tar"), key=lambda p: (p.is_symlink(), p.name)):
-        if p.is_file():
-            chosen.setdefault(p.resolve(), p)
-    return sorted(str(p) for p in chosen.values())
 
 
 def _shard_pattern_set(spec: str) -> EvalSet:
