@@ -230,7 +230,7 @@ def _output_error(path: Path, e: OSError) -> Exception:
 # ---------------------------------------------------------------- one shard (runs in a worker)
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     """Fixed metadata so that the same samples always give the same bytes."""
     info = tarfile.TarInfo(name)
     info.size = len(data)
@@ -268,7 +268,7 @@ def write_shard(source: Source, plan: ShardPlan, shard: int, progress=None) -> S
                     else:
                         key = plan.key(index)
                         for ext in sorted(members):
-                            _add_member(tar, f"{key}.{ext}", members[ext])
+                            add_member(tar, f"{key}.{ext}", members[ext])
                         count += 1
                     pending += 1
                     if progress is not None and pending >= 16:
@@ -276,11 +276,8 @@ def write_shard(source: Source, plan: ShardPlan, shard: int, progress=None) -> S
                         pending = 0
             f.flush()
             os.fsync(f.fileno())
-        record = ShardRecord(name=name, count=count, sha256=sha256_file(partial),
-                             bytes=partial.stat().st_size, skipped=dict(sorted(skipped.items())),
-                             skipped_examples=examples)
-        _save_progress_record(plan, record)
-        os.replace(partial, final)
+        record = commit_shard(partial, final, plan.fingerprint, count=count,
+                              skipped=dict(sorted(skipped.items())), skipped_examples=examples)
     except (OSError, DataError) as e:
         partial.unlink(missing_ok=True)
         raise (_output_error(final, e) if isinstance(e, OSError) else e) from None
@@ -289,10 +286,60 @@ def write_shard(source: Source, plan: ShardPlan, shard: int, progress=None) -> S
     return record
 
 
-def _save_progress_record(plan: ShardPlan, record: ShardRecord) -> None:
-    folder = plan.out_dir / PROGRESS_DIR
+def commit_shard(partial: Path, final: Path, fingerprint: str, **fields) -> ShardRecord:
+    """A completely written (and fsynced) partial file becomes shard `final`: its record goes to
+    `.progress/` first (the unit of resume), then the atomic rename."""
+    record = ShardRecord(name=final.name, sha256=sha256_file(partial),
+                         bytes=partial.stat().st_size, **fields)
+    folder = final.parent / PROGRESS_DIR
     folder.mkdir(exist_ok=True)
-    atomic_write_json(folder / f"{record.name}.json", {"plan": plan.fingerprint, **asdict(record)})
+    atomic_write_json(folder / f"{record.name}.json", {"plan": fingerprint, **asdict(record)})
+    os.replace(partial, final)
+    return record
+
+
+def finished_records(out_dir: Path, fingerprint: str, names: list[str], *, overwrite: bool,
+                     clear) -> dict[str, ShardRecord]:
+    """Shards named `names` that a previous run of the same plan completed (its manifest.json or
+    `.progress/` records, file present with the recorded sha256). Records of another plan:
+    DataError, or with `overwrite`, `clear()` and nothing is finished."""
+    records = {}
+    for entry in _previous_records(Path(out_dir)):
+        if entry.pop("plan", None) != fingerprint:
+            if not overwrite:
+                raise DataError(f"{out_dir} holds a shard set written with different arguments; "
+                                "use an empty folder or pass --overwrite")
+            clear()
+            return {}
+        records[entry["name"]] = ShardRecord(**entry)
+    done = {}
+    for name in names:
+        record, path = records.get(name), Path(out_dir) / name
+        if record and path.is_file() and path.stat().st_size == record.bytes \
+                and sha256_file(path) == record.sha256:
+            done[name] = record
+    return done
+
+
+def _previous_records(out_dir: Path) -> list[dict]:
+    entries = []
+    manifest_path = out_dir / MANIFEST_NAME
+    if manifest_path.is_file():
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            for shard in manifest.get("shards", []):
+                examples = {k: [e for e in v if e.get("shard") == shard["name"]]
+                            for k, v in manifest.get("skipped_examples", {}).items()}
+                entries.append({"plan": manifest.get("plan"), **shard,
+                                "skipped_examples": {k: v for k, v in examples.items() if v}})
+        except (ValueError, KeyError, TypeError):
+            entries.append({"plan": "unreadable manifest"})
+    for path in sorted((out_dir / PROGRESS_DIR).glob("*.json")):
+        try:
+            entries.append(json.loads(path.read_text()))
+        except ValueError:
+            path.unlink()  # a torn record: that shard is simply redone
+    return entries
 
 
 _WORKER: dict = {}
@@ -393,44 +440,10 @@ class ShardSetWriter:
 
     def _finished_shards(self, plan: ShardPlan) -> dict[int, ShardRecord]:
         """Shards of this same plan that a previous run completed (manifest or .progress/)."""
-        records = {}
-        for entry in self._previous_records():
-            if entry.pop("plan", None) != plan.fingerprint:
-                if not self.overwrite:
-                    raise DataError(
-                        f"{self.out_dir} holds a shard set written with different arguments; "
-                        "use an empty folder or pass --overwrite")
-                self._clear()
-                return {}
-            records[entry["name"]] = ShardRecord(**entry)
-        done = {}
-        for shard in range(plan.num_shards):
-            record = records.get(plan.shard_name(shard))
-            path = self.out_dir / plan.shard_name(shard)
-            if record and path.is_file() and path.stat().st_size == record.bytes \
-                    and sha256_file(path) == record.sha256:
-                done[shard] = record
-        return done
-
-    def _previous_records(self) -> list[dict]:
-        entries = []
-        manifest_path = self.out_dir / MANIFEST_NAME
-        if manifest_path.is_file():
-            try:
-                manifest = json.loads(manifest_path.read_text())
-                for shard in manifest.get("shards", []):
-                    examples = {k: [e for e in v if e.get("shard") == shard["name"]]
-                                for k, v in manifest.get("skipped_examples", {}).items()}
-                    entries.append({"plan": manifest.get("plan"), **shard,
-                                    "skipped_examples": {k: v for k, v in examples.items() if v}})
-            except (ValueError, KeyError, TypeError):
-                entries.append({"plan": "unreadable manifest"})
-        for path in sorted((self.out_dir / PROGRESS_DIR).glob("*.json")):
-            try:
-                entries.append(json.loads(path.read_text()))
-            except ValueError:
-                path.unlink()  # a torn record: that shard is simply redone
-        return entries
+        names = {plan.shard_name(shard): shard for shard in range(plan.num_shards)}
+        done = finished_records(self.out_dir, plan.fingerprint, list(names),
+                                overwrite=self.overwrite, clear=self._clear)
+        return {names[name]: record for name, record in done.items()}
 
     def _clear(self) -> None:
         for path in self.out_dir.glob(f"{self.prefix}-*.tar"):

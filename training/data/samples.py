@@ -37,6 +37,7 @@ class Sample:
     captions: list[str]
     label: int | None = None
     pass_index: int = 0   # > 0: read again because corrupt samples left an exact epoch short
+    stored: dict | None = None  # its stored teacher embeddings' members (sidecar.py), if read
 
 
 def read_shard(url: str, account: "SampleAccount | None" = None) -> Iterator[dict]:
