@@ -11,12 +11,19 @@ import shutil
 import subprocess
 import sys
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from tests.helpers.embeddings import SET_NAME, make_embedding_set, save_teacher
 from tests.helpers.trainer import REPO_ROOT, TINY_DISTILL, step_losses, tiny_overrides
+from training.config import load_config
+from training.data import DataError, build_train_loader
+from training.data.sidecar import EmbeddingSets
 from training.losses import DistillationLoss
+from training.specs import build_teacher, model_spec
+from training.teachers import build_teacher_source
 
 
 @pytest.fixture(scope="module")
@@ -46,53 +53,82 @@ def test_stored_embeddings_give_the_live_teachers_losses(embedded, tmp_path):
     assert sorted(stored_losses) == [1, 2, 3]
     for step, loss in live_losses.items():
         assert abs(stored_losses[step] - loss) < 1e-5, (step, loss, stored_losses[step])
-    # Not a trivially equal pair: the stored views differ from the freshly drawn ones.
-    fresh = train(embedded, tmp_path / "fresh", steps=1)
-    assert fresh.returncode == 0
-    assert abs(step_losses(tmp_path / "fresh")[1] - live_losses[1]) > 1e-4
 
 
-def copy_set(embedded, name) -> "Path":
+def config(embedded, *extra):
+    return load_config(TINY_DISTILL, tiny_overrides(embedded["train_shards"], "unused", steps=1)
+                       + [f"model.teacher_pretrained={embedded['teacher']}", *extra])
+
+
+def first_batch(embedded, embeddings):
+    spec = model_spec("Tiny-ViT-Student")
+    loader = build_train_loader(config(embedded).data, seed=0, student_preprocess=spec.preprocess_cfg,
+                                teacher_preprocess=None, tokenizer=spec.tokenizer, rank=0,
+                                world_size=1, epoch=0, embeddings=embeddings)
+    return next(iter(loader))
+
+
+def test_the_loader_re_applies_stored_crops_with_the_captions_embeddings(embedded):
+    batch = first_batch(embedded, EmbeddingSets(SET_NAME))
+    fresh = first_batch(embedded, None)
+    assert batch["key"] == fresh["key"]  # same samples, ...
+    assert not torch.equal(batch["image"], fresh["image"])  # ... the stored crops, not new ones
+    assert batch["stored_image.0"].shape == batch["stored_text.0"].shape == (8, 64)
+    # The text embedding is the one of the caption the student reads: the live teacher's.
+    teacher, _ = build_teacher("Tiny-ViT-Teacher", str(embedded["teacher"]))
+    with torch.no_grad():
+        live = teacher.encode_text(batch["text"], normalize=True)
+        image = teacher.encode_image(batch["image"], normalize=True)
+    torch.testing.assert_close(batch["stored_text.0"], live, atol=1e-5, rtol=0)
+    torch.testing.assert_close(batch["stored_image.0"], image, atol=1e-5, rtol=0)
+
+
+def copy_set(embedded, name) -> Path:
     target = embedded["train"] / name
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(embedded["set_dir"], target)
     return target
 
 
-def refusal(result) -> str:
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
-    assert len(lines) == 1 and lines[0].startswith("clip-train: error:"), result.stderr[-2000:]
-    return lines[0]
+def source_error(embedded, *extra) -> str:
+    with pytest.raises(ValueError) as err:
+        build_teacher_source(config(embedded, *extra).model, torch.device("cpu"),
+                             config(embedded, *extra).data)
+    assert "\n" not in str(err.value)
+    return str(err.value)
 
 
-def test_mismatched_or_tampered_sets_are_refused_in_one_line(embedded, tmp_path):
+def test_mismatched_or_incomplete_sets_are_refused_before_training(embedded, tmp_path):
+    """The teacher source's checks (a ValueError: the CLI's one line, exit 2, before any step)."""
     other = save_teacher(tmp_path / "other.safetensors", seed=1)
-    line = refusal(train(embedded, tmp_path / "a", *stored(), f"model.teacher_pretrained={other}"))
-    assert "teacher 0 weights_sha256" in line
+    assert "teacher 0 weights_sha256" in source_error(embedded, *stored(),
+                                                      f"model.teacher_pretrained={other}")
 
     folder = copy_set(embedded, "preprocess")
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["embeddings"]["teachers"][0]["preprocess"]["mean"][0] = 0.5
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    assert "teacher 0 preprocess" in refusal(train(embedded, tmp_path / "b", *stored("preprocess")))
+    assert "teacher 0 preprocess" in source_error(embedded, *stored("preprocess"))
+    assert "holds 1 teacher(s), the config names 2" in source_error(
+        embedded, *stored(), "model.ensemble=[{model: Tiny-ViT-Teacher}]")
 
     folder = copy_set(embedded, "lacking")
     (folder / "shard-000002.tar").unlink()
-    line = refusal(train(embedded, tmp_path / "c", *stored("lacking")))
-    assert "lacking/shard-000002.tar: missing" in line
+    assert "lacking/shard-000002.tar: missing" in source_error(embedded, *stored("lacking"))
+    message = source_error(embedded, *stored("nonexistent"))
+    assert "no embedding set" in message and "nonexistent" in message
 
-    line = refusal(train(embedded, tmp_path / "d", *stored("nonexistent")))
-    assert "no embedding set" in line and "nonexistent" in line
 
+def test_a_sidecar_changed_after_embed_is_refused_before_its_samples_are_used(embedded):
     folder = copy_set(embedded, "tampered")
-    for shard in folder.glob("*.tar"):  # same size, other bytes: found when its shard is read
+    for shard in folder.glob("*.tar"):  # same size, other bytes
         data = bytearray(shard.read_bytes())
         data[1024] ^= 1
         shard.write_bytes(bytes(data))
-    line = refusal(train(embedded, tmp_path / "e", *stored("tampered")))
-    assert "sha256 differs from its manifest.json" in line
-    assert not (tmp_path / "e" / "metrics.jsonl").exists() or not step_losses(tmp_path / "e")
+    build_teacher_source(config(embedded, *stored("tampered")).model, torch.device("cpu"),
+                         config(embedded, *stored("tampered")).data)  # sizes agree: accepted
+    with pytest.raises(DataError, match="sha256 differs from its manifest.json"):
+        first_batch(embedded, EmbeddingSets("tampered"))
 
 
 def test_ensemble_averages_probabilities_after_the_softmax():
