@@ -86,8 +86,10 @@ def run_logged(cmd: list[str], env: dict, log_file: Path) -> None:
 
 
 # ---- ours ----------------------------------------------------------------------------------
-def run_ours(inputs: dict, run_dir: Path, args) -> list[tuple[float, float]]:
-    """`python -m training` on configs/tiny-distill.yaml; (data wait, step time) per step."""
+def run_ours(inputs: dict, run_dir: Path, args, extra: dict | None = None
+             ) -> list[tuple[float, float]]:
+    """`python -m training` on configs/tiny-distill.yaml (+ `extra` overrides); (data wait,
+    step time) per step."""
     overrides = {
         "run_dir": run_dir, "data.train": inputs["train"], "data.batch_size": args.batch,
         "data.workers": args.workers, "data.shuffle_buffer": 0,
@@ -100,7 +102,7 @@ def run_ours(inputs: dict, run_dir: Path, args) -> list[tuple[float, float]]:
         "deepspeed.zero_stage": args.zero_stage, "deepspeed.precision": "fp32",
         "checkpoint.every_steps": 0, "checkpoint.resume": "null",
         "checkpoint.export_at_end": "false", "log.every_steps": 1, "log.tensorboard": "false",
-        "log.wandb": "disabled",
+        "log.wandb": "disabled", **(extra or {}),
     }
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "ours", args.clock,
            "--config", "configs/tiny-distill.yaml", *(f"{k}={v}" for k, v in overrides.items())]
