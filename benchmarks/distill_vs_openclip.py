@@ -70,7 +70,8 @@ def prepare(tmp: Path, samples: int) -> dict:
 def child_env(threads: int) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                WANDB_MODE="disabled", NO_ALBUMENTATIONS_UPDATE="1", HF_HUB_OFFLINE="1",
-               PYTHONPATH=str(ROOT))
+               PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in os.environ.get(
+                   "PYTHONPATH", "").split(os.pathsep) if p]))
     for launcher_var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(launcher_var, None)
     return env
@@ -121,7 +122,7 @@ def run_openclip(inputs: dict, logs: Path, args) -> list[tuple[float, float]]:
            "--train-num-samples", str(args.steps * args.batch), "--batch-size", str(args.batch),
            "--workers", str(args.workers), "--epochs", "1",
            "--model", STUDENT, "--distill-model", TEACHER, "--distill-pretrained", inputs["teacher"],
-           "--device", "cpu", "--precision", "fp32",
+           *getattr(args, "openclip_device_args", ["--device", "cpu", "--precision", "fp32"]),
            "--lr", str(OPTIM["lr"]), "--wd", str(OPTIM["weight_decay"]),
            "--beta1", str(OPTIM["beta1"]), "--beta2", str(OPTIM["beta2"]), "--eps", str(OPTIM["eps"]),
            "--warmup", str(OPTIM["warmup"]), "--grad-clip-norm", str(OPTIM["grad_clip"]),

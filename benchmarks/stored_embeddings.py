@@ -32,8 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.distill_vs_openclip import (TEACHER, child_env, prepare, run_openclip,  # noqa: E402
-                                            run_ours, summarise)
+import benchmarks.distill_vs_openclip as peer  # noqa: E402
+from benchmarks.distill_vs_openclip import child_env, prepare, run_openclip, run_ours, summarise  # noqa: E402
 
 SET_NAME = "bench"
 EMBED_LINE = re.compile(r"embedded (\d+) samples in ([0-9.]+) s .*process CPU ([0-9.]+) s")
@@ -43,9 +43,9 @@ def embed(inputs: dict, args, log: Path) -> dict:
     """Run clip-data embed once. Its throughput over the embedding loop (its own summary line:
     no start-up, imports or teacher loading), by the process's CPU time or wall time (--clock)."""
     cmd = [sys.executable, "-m", "data_tools", "embed", inputs["train"], "--name", SET_NAME,
-           "--teacher", TEACHER, "--pretrained", inputs["teacher"], "--augmentations",
+           "--teacher", peer.TEACHER, "--pretrained", inputs["teacher"], "--augmentations",
            str(args.augmentations), "--dtype", args.dtype, "--batch-size", str(args.embed_batch),
-           "--device", "cpu", "--no-progress"]
+           "--device", args.device, "--precision", args.precision, "--no-progress"]
     start = time.perf_counter()
     with open(log, "w") as out:
         proc = subprocess.run(cmd, env=child_env(args.threads), cwd=ROOT, stdout=out,
@@ -73,13 +73,26 @@ def main(argv=None) -> int:
     parser.add_argument("--augmentations", type=int, default=5)
     parser.add_argument("--dtype", default="fp16", choices=("fp32", "fp16", "bf16"))
     parser.add_argument("--embed-batch", type=int, default=256)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: every run in bf16 (ours: DeepSpeed bf16 + bf16 teacher; "
+                             "OpenCLIP: amp_bf16; embed: bf16 teacher), wall clock")
+    parser.add_argument("--student", default=peer.STUDENT)
+    parser.add_argument("--teacher", default=peer.TEACHER)
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
+    # The peer benchmark's runners read these module settings when they run.
+    peer.STUDENT, peer.TEACHER = args.student, args.teacher
+    models = {"model.student": args.student, "model.teacher": args.teacher}
+    args.precision = "fp32"
+    if args.device == "cuda":
+        args.clock, args.precision = "wall", "bf16"
+        models.update({"deepspeed.precision": "bf16", "model.teacher_dtype": "bf16"})
+        args.openclip_device_args = ["--device", "cuda", "--precision", "amp_bf16"]
 
     load = [os.getloadavg()[0]]
     stored = {"model.teacher_source": "shards", "model.teacher_embeddings": SET_NAME}
-    arms = {"live": lambda i, d: run_ours(inputs, d, args),
-            "stored": lambda i, d: run_ours(inputs, d, args, stored),
+    arms = {"live": lambda i, d: run_ours(inputs, d, args, models),
+            "stored": lambda i, d: run_ours(inputs, d, args, {**models, **stored}),
             "open_clip": lambda i, d: run_openclip(inputs, d, args)}
     with tempfile.TemporaryDirectory(prefix="stored_embeddings-") as tmp_name:
         tmp = Path(tmp_name)
@@ -114,7 +127,8 @@ def report(runs: dict, embedded: dict, load: list[float], args) -> dict:
     saved = (step["live"] - step["stored"]) / args.batch  # seconds per sample per epoch
     break_even = (1 / embedded["samples_per_s"]) / saved if saved > 0 else float("inf")
     lines = [f"batch {args.batch}, {args.steps} steps per run (first {args.warmup} left out), "
-             f"{args.repeats} rounds, {args.clock} time, fp32, {args.threads} thread(s), "
+             f"{args.repeats} rounds, {args.clock} time, {args.device} {args.precision}, "
+             f"{args.student} <- {args.teacher}, {args.threads} thread(s), "
              f"{args.workers} loader worker(s), ours at ZeRO-{args.zero_stage}; load average "
              f"{min(load):.1f}-{max(load):.1f}"]
     for name in runs:
