@@ -197,15 +197,14 @@ def _run(args, pretrained, shards, rank, world, local_rank) -> int:
     embedder = ShardEmbedder(out_dir, teachers, augmentations=args.augmentations,
                              dtype=args.dtype, seed=args.seed, batch_size=args.batch_size,
                              fingerprint=fingerprint)
-    error, start, cpu_start = None, time.perf_counter(), time.process_time()
+    error, samples, start, cpu_start = None, 0, time.perf_counter(), time.process_time()
     with tqdm(unit="sample", smoothing=0.1, disable=not args.progress or rank != 0,
               desc=f"embed -> {args.name} (rank 0 of {world})", dynamic_ncols=True) as bar:
         try:
             for shard in todo:
-                embedder.write(shard, bar.update)
+                samples += embedder.write(shard, bar.update).count
         except DataError as err:
             error = str(err)
-        samples = bar.n
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     if rank == 0 and todo:  # benchmarks/stored_embeddings.py reads this line
         print(f"embedded {samples} samples in {wall:.2f} s ({samples / max(wall, 1e-9):.1f} "

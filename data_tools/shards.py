@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from data_tools import __version__
 from data_tools.errors import DataError, Skip
-from training.files import write_bytes_atomic
+from training.files import sha256_file, write_bytes_atomic
 
 MANIFEST_NAME = "manifest.json"
 SIZES_NAME = "sizes.json"
@@ -97,14 +97,6 @@ class ShardPlan:
 
 
 # ---------------------------------------------------------------- small file helpers (public)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -28,15 +28,8 @@ from training import models
 from training.accumulation import concat_outputs
 from training.config import ModelConfig
 from training.data.config import DataConfig
+from training.files import sha256_file
 from training.specs import ModelSpec, TextTokenizer, build_teacher, model_spec
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def teacher_identity(spec: ModelSpec | str, pretrained: Optional[str]) -> dict:
@@ -48,7 +41,7 @@ def teacher_identity(spec: ModelSpec | str, pretrained: Optional[str]) -> dict:
     config = json.dumps(spec.model_cfg, sort_keys=True).encode()
     return {"model": spec.name, "config_sha256": hashlib.sha256(config).hexdigest(),
             "pretrained": None if is_file else pretrained,
-            "weights_sha256": _sha256(pretrained) if is_file else None,
+            "weights_sha256": sha256_file(pretrained) if is_file else None,
             "preprocess": json.loads(json.dumps(spec.preprocess_cfg, sort_keys=True)),
             "embed_dim": spec.embed_dim}
 
