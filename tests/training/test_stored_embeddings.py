@@ -18,6 +18,7 @@ import torch
 
 from tests.helpers.embeddings import SET_NAME, make_embedding_set, save_teacher
 from tests.helpers.trainer import REPO_ROOT, TINY_DISTILL, step_losses, tiny_overrides
+from training.checkpoint import tag_for_step
 from training.config import load_config
 from training.data import DataError, build_train_loader
 from training.data.sidecar import EmbeddingSets
@@ -44,15 +45,21 @@ def stored(name=SET_NAME):
     return ["model.teacher_source=shards", f"model.teacher_embeddings={name}"]
 
 
-def test_stored_embeddings_give_the_live_teachers_losses(embedded, tmp_path):
-    live = train(embedded, tmp_path / "live", f"model.teacher_embeddings={SET_NAME}")
+@pytest.mark.slow
+def test_stored_embeddings_give_the_live_teachers_losses_and_resume_exactly(embedded, tmp_path):
+    live = train(embedded, tmp_path / "live", f"model.teacher_embeddings={SET_NAME}", steps=4)
     assert live.returncode == 0, live.stdout[-2000:] + live.stderr[-2000:]
-    read = train(embedded, tmp_path / "stored", *stored())
+    read = train(embedded, tmp_path / "stored", *stored(), "checkpoint.every_steps=2", steps=4)
     assert read.returncode == 0, read.stdout[-2000:] + read.stderr[-2000:]
     live_losses, stored_losses = step_losses(tmp_path / "live"), step_losses(tmp_path / "stored")
-    assert sorted(stored_losses) == [1, 2, 3]
+    assert sorted(stored_losses) == [1, 2, 3, 4]
     for step, loss in live_losses.items():
         assert abs(stored_losses[step] - loss) < 1e-5, (step, loss, stored_losses[step])
+    # Resumed at step 2 (a new run folder), the stored crops and captions drawn are the same.
+    tag = tmp_path / "stored" / "checkpoints" / tag_for_step(2)
+    resumed = train(embedded, tmp_path / "resumed", *stored(), f"checkpoint.resume={tag}", steps=4)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert step_losses(tmp_path / "resumed") == {3: stored_losses[3], 4: stored_losses[4]}
 
 
 def config(embedded, *extra):
