@@ -86,6 +86,7 @@ class EmbeddingSets:
     def __init__(self, name: str):
         self.name = name
         self._manifests: dict[str, dict] = {}
+        self._records: dict[str, dict[str, dict]] = {}  # folder -> shard name -> record
 
     def manifest(self, url: str) -> dict:
         folder = posixpath.join(posixpath.dirname(url), self.name)
@@ -97,6 +98,7 @@ class EmbeddingSets:
                                 f"format {FORMAT}); run clip-data embed --name {self.name} on "
                                 f"{posixpath.dirname(url) or '.'}")
             self._manifests[folder] = manifest
+            self._records[folder] = {record["name"]: record for record in manifest["shards"]}
         return self._manifests[folder]
 
     def info(self, url: str) -> dict:
@@ -104,10 +106,11 @@ class EmbeddingSets:
 
     def record(self, url: str) -> dict:
         """The sidecar shard's manifest record; DataError when the set lacks this shard."""
-        base = posixpath.basename(url)
-        for record in self.manifest(url)["shards"]:
-            if record["name"] == base:
-                return record
+        self.manifest(url)
+        record = self._records[posixpath.join(posixpath.dirname(url), self.name)].get(
+            posixpath.basename(url))
+        if record is not None:
+            return record
         raise DataError(f"shard {url} has no stored embeddings in {sidecar_url(url, self.name)} "
                         f"(not in that set's manifest.json)")
 
