@@ -12,7 +12,6 @@ the ratio ours / open_clip > 1 means ours is faster.
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import statistics
 import sys
@@ -30,9 +29,6 @@ import open_clip_train.data as openclip_data  # noqa: E402
 
 from tests.helpers.shards import make_synthetic_shards  # noqa: E402
 from training.data import DataConfig, build_train_loader  # noqa: E402
-
-# open_clip_train expects webdataset <= 0.2.86: no end-of-shard marker (open_clip issue #935).
-openclip_data.tar_file_expander = functools.partial(openclip_data.tar_file_expander, eof_value=None)
 
 
 def rate(loader) -> float:

@@ -30,7 +30,6 @@ AdamW, without the DeepSpeed engine) in this process, same threads, after the pa
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import re
@@ -135,14 +134,11 @@ def run_openclip(inputs: dict, logs: Path, args) -> list[tuple[float, float]]:
 
 
 def openclip_child(argv: list[str]) -> None:
-    """OpenCLIP's trainer with our model configs registered and the webdataset 0.2.111 shim
-    (docs: /work/shared/notes/openclip-interop.md, open_clip issue #935)."""
+    """OpenCLIP's trainer, unmodified, with our model configs registered."""
     import open_clip
-    import open_clip_train.data as oc_data
     from open_clip_train.main import main as openclip_main
 
     open_clip.add_model_config(str(MODEL_CONFIGS))
-    oc_data.tar_file_expander = functools.partial(oc_data.tar_file_expander, eof_value=None)
     openclip_main(argv)
 
 

@@ -18,7 +18,9 @@ def clean_caption(raw: str | bytes | None, name: str = "") -> str:
             raise Skip("non_utf8_caption", f"{name}: {e.reason} at byte {e.start}") from None
     if not isinstance(raw, str):
         raise Skip("missing_caption", f"{name}: not a string ({type(raw).__name__})")
-    if "\ufffd" in raw or _has_surrogates(raw):
+    # U+FFFD itself is a valid character (it may stand in a source caption); undecodable bytes
+    # reach here only as lone surrogates (tables are read with errors="surrogateescape")
+    if _has_surrogates(raw):
         raise Skip("non_utf8_caption", f"{name}: undecodable characters")
     caption = " ".join(raw.split())
     if not caption:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from data_tools.images import add_image_arguments, options_from_args
 from data_tools.shards import add_writer_arguments, ensure_writable_dir
-from data_tools.sources import Record, existing_dir, load_json, require, write_records
+from data_tools.sources import (ID_TYPES, Record, existing_dir, load_json, optional, require,
+                                write_records)
 
 
 def read_coco_captions(path: Path, image_dir: Path) -> tuple[list[Record], Counter, dict]:
@@ -17,15 +18,19 @@ def read_coco_captions(path: Path, image_dir: Path) -> tuple[list[Record], Count
 
     Duplicate image ids keep their place in the plan as skips (the first one wins); entries
     without id/file_name are skipped as "malformed_entry"; captions naming an unknown image id
-    are counted as "annotation_without_image".
+    are counted as "annotation_without_image". An id that is neither an int nor a string is a
+    DataError naming the file, entry and key.
     """
     data = load_json(path)
     images = require(data, "images", list, str(path))
     annotations = require(data, "annotations", list, str(path))
     captions = defaultdict(list)
-    known = {img.get("id") for img in images if isinstance(img, dict)}
+    known = {optional(img, "id", ID_TYPES, f"{path}: images[{position}]")
+             for position, img in enumerate(images) if isinstance(img, dict)}
     dropped, examples = Counter(), {}
     for position, ann in enumerate(annotations):
+        if isinstance(ann, dict):
+            optional(ann, "image_id", ID_TYPES, f"{path}: annotations[{position}]")
         if not isinstance(ann, dict) or "image_id" not in ann or ann["image_id"] not in known:
             dropped["annotation_without_image"] += 1
             examples.setdefault("annotation_without_image", []).append(

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from data_tools import __version__
 from data_tools.errors import DataError
 from data_tools.shards import (MANIFEST_NAME, PROGRESS_DIR, SIZES_NAME, ensure_writable_dir,
-                               finished_records, write_manifest, write_sizes)
+                               finished_records, plain_name, write_manifest, write_sizes)
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 DTYPES = ("fp32", "fp16", "bf16")  # training/data/sidecar.py's
@@ -91,9 +91,7 @@ def shard_paths(spec: str) -> list[Path]:
 
 def check_args(args: argparse.Namespace) -> list[str | None]:
     """The --pretrained per --teacher; one-line DataError for bad options."""
-    name = args.name
-    if not name or name in (".", "..") or "/" in name or "\\" in name:
-        raise DataError(f"--name must be a folder name (no path), got {name!r}")
+    plain_name(args.name, "--name")
     for option, value in (("--augmentations", args.augmentations),
                           ("--batch-size", args.batch_size)):
         if value < 1:

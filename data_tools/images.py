@@ -51,13 +51,16 @@ def add_image_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("images")
     group.add_argument("--max-size", type=int, default=256,
                        help="shorter side down to this many pixels, never upscaled; 0 keeps "
-                            "the size (default 256)")
-    group.add_argument("--image-format", choices=sorted(FORMATS), default="jpg")
-    group.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality (default 95)")
+                            "the size (default: %(default)s)")
+    group.add_argument("--image-format", choices=sorted(FORMATS), default="jpg",
+                       help="(default: %(default)s)")
+    group.add_argument("--quality", type=int, default=95,
+                       help="JPEG/WebP quality (default: %(default)s)")
     group.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                       help="images with more pixels are skipped as decompression bombs")
+                       help="images with more pixels are skipped as decompression bombs "
+                            "(default: %(default)s)")
     group.add_argument("--min-size", type=int, default=1,
-                       help="skip images whose shorter side is smaller")
+                       help="skip images whose shorter side is smaller (default: %(default)s)")
 
 
 def options_from_args(args: argparse.Namespace) -> ImageOptions:

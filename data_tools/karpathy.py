@@ -9,14 +9,18 @@ from pathlib import Path
 
 from data_tools.errors import DataError
 from data_tools.images import add_image_arguments, options_from_args
-from data_tools.shards import add_writer_arguments, content_arguments, ensure_writable_dir
-from data_tools.sources import Record, existing_dir, load_json, require, write_records
+from data_tools.shards import (add_writer_arguments, content_arguments, ensure_writable_dir,
+                               plain_name)
+from data_tools.sources import (ID_TYPES, Record, existing_dir, load_json, optional, require,
+                                write_records)
 
 
 def read_karpathy(path: Path, image_root: Path) -> tuple[str, dict[str, list[Record]]]:
     """(dataset name, {split: records in file order}). An image is
     image_root/filepath/filename (flickr30k has no filepath); a repeated image within a split
-    is kept once (the first) and counted as "duplicate_id"."""
+    is kept once (the first) and counted as "duplicate_id". A split value becomes a folder
+    name under the output folder, so it must be a plain name; a key of the wrong type is a
+    DataError naming the file, entry and key."""
     data = load_json(path)
     images = require(data, "images", list, str(path))
     dataset = data.get("dataset", "karpathy") if isinstance(data, dict) else "karpathy"
@@ -25,10 +29,13 @@ def read_karpathy(path: Path, image_root: Path) -> tuple[str, dict[str, list[Rec
     for position, img in enumerate(images):
         where = f"{path}: images[{position}]"
         split = require(img, "split", str, where)
+        plain_name(split, f"{where}: 'split'")
         filename = require(img, "filename", str, where)
         sentences = require(img, "sentences", list, where)
-        relative = Path(img.get("filepath") or "") / filename
-        ident = img.get("cocoid", img.get("imgid", position))
+        relative = Path(optional(img, "filepath", str, where, "")) / filename
+        ident = optional(img, "cocoid", ID_TYPES, where)
+        if ident is None:
+            ident = optional(img, "imgid", ID_TYPES, where, position)
         meta = {"image_id": ident, "filename": str(relative), "split": split,
                 "dataset": dataset}
         captions = tuple(s.get("raw") if isinstance(s, dict) else None for s in sentences)

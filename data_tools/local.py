@@ -13,10 +13,11 @@ from pathlib import Path
 from data_tools.errors import DataError
 from data_tools.images import add_image_arguments, options_from_args
 from data_tools.shards import (add_writer_arguments, atomic_write_text, ensure_writable_dir,
-                               write_label_files)
+                               plain_name, write_label_files)
 from data_tools.sources import Record, existing_dir, write_records
 
 TABLE_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".parquet": "parquet"}
+CSV_FIELD_LIMIT = 1 << 30  # bytes per field; the default is 128 KiB
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 DEFAULT_TEMPLATES = ("a photo of a {c}.", "a blurry photo of a {c}.", "a photo of the {c}.",
                      "a close-up photo of a {c}.", "a bright photo of a {c}.",
@@ -41,6 +42,9 @@ def read_table_rows(path: Path, fmt: str) -> tuple[list[str] | None, list]:
         with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
             if fmt == "jsonl":
                 return None, [_json_object(line) for line in f if line.strip()]
+            # the csv module stops at fields over 128 KiB by default: one long caption must
+            # not stop the table (captions.py and the tokenizer deal with its length)
+            csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
             reader = csv.reader(f, delimiter="\t" if fmt == "tsv" else ",")
             header = next(reader, None)
             if not header:
@@ -106,8 +110,10 @@ def add_csv_parser(subparsers) -> None:
     parser.add_argument("out", type=Path, help="output folder for the shard set")
     parser.add_argument("--format", choices=["auto"] + sorted(set(TABLE_FORMATS.values())),
                         default="auto", help="table format (default: from the extension)")
-    parser.add_argument("--image-column", default="filepath")
-    parser.add_argument("--caption-column", default="caption")
+    parser.add_argument("--image-column", default="filepath",
+                        help="column holding the image path (default: %(default)s)")
+    parser.add_argument("--caption-column", default="caption",
+                        help="column holding the caption (default: %(default)s)")
     parser.add_argument("--id-column", default=None,
                         help="optional unique id column; repeated ids are skipped")
     parser.add_argument("--image-root", type=Path, default=None,
@@ -189,7 +195,7 @@ def run_folder(args: argparse.Namespace) -> int:
     options = options_from_args(args)
     templates = read_templates(args.templates)
     root = existing_dir(args.root, "image folder")
-    out = ensure_writable_dir(args.out / args.split)
+    out = ensure_writable_dir(args.out / plain_name(args.split, "--split"))
     classes, records, dropped, examples = read_image_folder(root)
     manifest = write_records(args, out, records, options, "folder",
                              extra_manifest={"classes": len(classes)}, require_caption=False,

@@ -21,6 +21,7 @@ import math
 import multiprocessing
 import os
 import queue as queue_module
+import re
 import shutil
 import tarfile
 from collections import Counter
@@ -129,6 +130,19 @@ def ensure_writable_dir(path: Path) -> Path:
     return path
 
 
+PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+
+
+def plain_name(name, where: str) -> str:
+    """A folder name taken from input data or an option (a split), checked to be one plain name
+    (letters, digits, ".", "_", "-"; not starting with "."), so OUT/name cannot leave OUT."""
+    if not isinstance(name, str) or not PLAIN_NAME.fullmatch(name):
+        raise DataError(f"{where}: {name!r} is not a plain folder name (letters, digits, '.', "
+                        f"'_', '-', not starting with '.'); folders outside the output folder "
+                        f"are never written")
+    return name
+
+
 def write_sizes(out_dir: Path, counts: dict[str, int]) -> None:
     """sizes.json: {shard basename: sample count}, what open_clip's trainer reads."""
     atomic_write_json(Path(out_dir) / SIZES_NAME, dict(sorted(counts.items())))
@@ -184,9 +198,10 @@ def add_writer_arguments(parser: argparse.ArgumentParser) -> None:
     """The options every converter subcommand shares."""
     group = parser.add_argument_group("shard set")
     group.add_argument("--samples-per-shard", type=int, default=10000,
-                       help="samples per tar file (default 10000)")
+                       help="samples per tar file (default: %(default)s)")
     group.add_argument("--prefix", default="shard", help="shard file prefix (default: shard)")
-    group.add_argument("--workers", type=int, default=1, help="processes writing shards")
+    group.add_argument("--workers", type=int, default=1,
+                       help="processes writing shards (default: %(default)s)")
     group.add_argument("--overwrite", action="store_true",
                        help="replace a shard set written with different arguments")
     group.add_argument("--no-progress", dest="progress", action="store_false",
@@ -389,7 +404,7 @@ class ShardSetWriter:
         todo = [s for s in range(plan.num_shards) if s not in done]
         for stale in self.out_dir.glob(f".{self.prefix}-*.tar.partial"):
             stale.unlink()
-        with tqdm(total=plan.num_items, unit="sample", unit_scale=True, smoothing=0.1,
+        with tqdm(total=plan.num_items, unit="sample", smoothing=0.1,
                   initial=sum(len(plan.items(s)) for s in done), disable=not self.progress,
                   desc=f"{self.source_name} -> {self.out_dir.name}", dynamic_ncols=True) as bar:
             if self.workers == 1 or len(todo) <= 1:

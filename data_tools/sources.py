@@ -103,6 +103,23 @@ def require(mapping, key: str, kind: type, where: str):
     return value
 
 
+def optional(mapping: dict, key: str, kind, where: str, default=None):
+    """mapping[key] when present and not null, as `kind` (a type or a tuple of types; bool is
+    never an int here), else `default`; a wrong type is a DataError naming the file and key."""
+    value = mapping.get(key)
+    if value is None:
+        return default
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        names = " or ".join(k.__name__ for k in kinds)
+        raise DataError(f"{where}: {key!r} must be {names}, got {type(value).__name__} "
+                        f"{json.dumps(value)[:60]}")
+    return value
+
+
+ID_TYPES = (int, str)  # what COCO and Karpathy files use as image ids
+
+
 def existing_dir(path: Path, what: str) -> Path:
     path = Path(path)
     if not path.is_dir():

@@ -32,6 +32,7 @@ POSITIONS = {"top left": (0, 0), "top right": (1, 0), "bottom left": (0, 1), "bo
 COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
 SPLITS = {"train": 0, "val": 1, "zeroshot": 2}
 CAPTIONS_PER_IMAGE = 5
+SYNTHETIC_SAMPLES_PER_SHARD = 1000
 CAPTION_TEMPLATES = (
     "{n} {size} {colour} {shapes} at the {pos}",
     "a picture of {a} {size} {colour} {shapes} in the {pos} corner",
@@ -161,7 +162,7 @@ class SyntheticSource:
 
 def write_synthetic(out_dir: Path, *, train: int = 10000, val: int = 1000, zeroshot: int = 1000,
                     image_size: int = 64, seed: int = 0, image_format: str = "jpg",
-                    samples_per_shard: int = 10000, prefix: str = "shard", workers: int = 1,
+                    samples_per_shard: int = SYNTHETIC_SAMPLES_PER_SHARD, prefix: str = "shard", workers: int = 1,
                     progress: bool = True, overwrite: bool = False) -> dict[str, Path]:
     """Write train/, val/ and zeroshot/ under out_dir; return {split: folder}. Splits of size 0
     are not written. A rerun with the same arguments reuses finished shards."""
@@ -194,14 +195,20 @@ def add_parser(subparsers) -> None:
         "synthetic", help="write the embedded synthetic set (train/, val/, zeroshot/)",
         description="Coloured shapes whose captions describe them; deterministic by --seed.")
     parser.add_argument("out", type=Path, help="output folder (train/, val/, zeroshot/ inside)")
-    parser.add_argument("--train", type=int, default=10000, help="training samples")
-    parser.add_argument("--val", type=int, default=1000, help="retrieval samples (5 captions)")
-    parser.add_argument("--zeroshot", type=int, default=1000, help="labelled samples")
-    parser.add_argument("--image-size", type=int, default=64, help="image side in pixels")
-    parser.add_argument("--image-format", choices=sorted(FORMATS), default="jpg")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train", type=int, default=10000,
+                        help="training samples (default: %(default)s)")
+    parser.add_argument("--val", type=int, default=1000,
+                        help="retrieval samples, 5 captions each (default: %(default)s)")
+    parser.add_argument("--zeroshot", type=int, default=1000,
+                        help="labelled samples (default: %(default)s)")
+    parser.add_argument("--image-size", type=int, default=64,
+                        help="image side in pixels (default: %(default)s)")
+    parser.add_argument("--image-format", choices=sorted(FORMATS), default="jpg",
+                        help="(default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     add_writer_arguments(parser)
-    parser.set_defaults(func=run)
+    # 10 train shards by default: enough for exact epochs on several ranks and workers
+    parser.set_defaults(func=run, samples_per_shard=SYNTHETIC_SAMPLES_PER_SHARD)
 
 
 def run(args: argparse.Namespace) -> int:

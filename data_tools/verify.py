@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from data_tools.errors import DataError
-from data_tools.shards import MANIFEST_NAME, sha256_file, write_sizes
+from data_tools.shards import MANIFEST_NAME, SIZES_NAME, sha256_file, write_sizes
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
@@ -52,9 +52,20 @@ def _check_member(ext: str, data: bytes, report: ShardReport) -> str | None:
     return None
 
 
+def _has_caption(members: dict[str, bytes]) -> bool:
+    """What the trainer needs besides the image: a txt caption, json "captions", or (labelled
+    evaluation sets) a cls label. Called once every member decoded."""
+    if members.get("txt", b"").strip() or "cls" in members:
+        return True
+    meta = json.loads(members["json"]) if "json" in members else None
+    return isinstance(meta, dict) and any(isinstance(c, str) and c.strip()
+                                          for c in meta.get("captions") or [])
+
+
 def verify_shard(path: Path) -> ShardReport:
     """Decode every member; a sample is valid when all its members decode and it has an
-    image. A tar that cannot be read to its end is reported under key "<tar>"."""
+    image and a caption (or a class label). A tar that cannot be read to its end is reported
+    under key "<tar>"."""
     report = ShardReport(Path(path).name)
     samples: dict[str, dict[str, bytes]] = {}
     try:
@@ -76,6 +87,8 @@ def verify_shard(path: Path) -> ShardReport:
                    if (r := _check_member(ext, data, report))]
         if not any(ext in members for ext in IMAGE_EXTS):
             reasons.append("no_image")
+        if not reasons and not _has_caption(members):
+            reasons.append("no_caption")
         if reasons:
             report.corrupt.append({"key": key, "reason": "; ".join(reasons)})
         else:
@@ -104,13 +117,15 @@ def verify_folder(folder: Path, workers: int = 1, write_sizes_json: bool = True)
         raise DataError(f"{folder} is not a folder")
     shards = list_shards(folder)
     if not shards:
-        raise DataError(f"{folder} holds no .tar shards")
+        splits = sorted(p for p in folder.iterdir() if p.is_dir() and list_shards(p))
+        where = f"; its split folders hold them: verify {' '.join(map(str, splits))}" if splits else ""
+        raise DataError(f"{folder} holds no .tar shards{where}")
     if workers > 1:
         with multiprocessing.get_context("spawn").Pool(workers) as pool:
             reports = pool.map(verify_shard, shards)
     else:
         reports = [verify_shard(path) for path in shards]
-    problems = _manifest_problems(folder, reports)
+    problems = _manifest_problems(folder, reports) + _sizes_problems(folder, reports)
     corrupt = [{"shard": r.name, **c} for r in reports for c in r.corrupt] + problems
     sizes = [s for r in reports for s in r.image_sizes]
     result = {
@@ -144,6 +159,23 @@ def _manifest_problems(folder: Path, reports: list[ShardReport]) -> list[dict]:
     problems += [{"shard": name, "key": "-", "reason": "sha256_mismatch"}
                  for name, digest in listed.items() if name in found and found[name] != digest]
     return problems
+
+
+def _sizes_problems(folder: Path, reports: list[ShardReport]) -> list[dict]:
+    """Shards whose sizes.json entry differs from their valid samples. Trainers plan epochs from
+    sizes.json: a count too low silently shortens every epoch, one too high leaves it short."""
+    path = folder / SIZES_NAME
+    if not path.is_file():
+        return []
+    try:
+        listed = json.loads(path.read_text())
+        listed = {name: int(count) for name, count in listed.items()}
+    except (ValueError, TypeError, AttributeError) as e:
+        return [{"shard": SIZES_NAME, "key": "-", "reason": f"unreadable_sizes_json: {e}"}]
+    return [{"shard": r.name, "key": "-",
+             "reason": f"sizes_json_mismatch: sizes.json lists {listed.get(r.name, 'nothing')}, "
+                       f"{r.valid} valid"}
+            for r in reports if listed.get(r.name) != r.valid]
 
 
 def format_report(report: dict, max_corrupt: int = 20) -> str:

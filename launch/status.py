@@ -10,18 +10,27 @@
       ...
 
 It needs no SLURM and no torch: it reads config.yaml, metrics.jsonl, checkpoints/latest,
-done.json and the job script's event log (logs/job-events.tsv: one line per start, signal,
-requeue, done or failure, written by launch/templates/job.sbatch).
+done.json, the trainer's heartbeat (running.json: host, pid, step, time; training/metrics.py) and
+the job script's event log (logs/job-events.tsv: one line per start, signal, requeue, done or
+failure, written by launch/templates/job.sbatch). Pointed at a `clip-stages` run root, it shows
+every stage (RUN_ROOT/<stage>/ run directories).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import socket
 import sys
+import time
 from datetime import datetime, timezone
 
 EVENTS_FILE = os.path.join("logs", "job-events.tsv")
+HEARTBEAT_FILE = "running.json"   # training/metrics.py
+RUN_MARKERS = ("done.json", "metrics.jsonl", "checkpoints", "inherit", "config.yaml")
+# A heartbeat from another host older than this (log.every_steps apart, evaluation included) no
+# longer counts as running.
+HEARTBEAT_STALE_S = 30 * 60
 
 
 def read_events(run_dir: str) -> list[dict]:
@@ -67,6 +76,33 @@ def read_metrics(run_dir: str) -> list[dict]:
     return records
 
 
+def heartbeat(run_dir: str, now: float | None = None) -> str | None:
+    """"running ..." when the trainer's heartbeat says its process is alive: on this host, its
+    pid exists; on another host, it wrote the heartbeat within HEARTBEAT_STALE_S. Else None."""
+    try:
+        with open(os.path.join(run_dir, HEARTBEAT_FILE)) as f:
+            beat = json.load(f)
+        host, pid, age = beat["host"], int(beat["pid"]), (now or time.time()) - float(beat["time"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    step = f"at step {beat['step']}" if beat.get("step") is not None else "starting"
+    if host == socket.gethostname():
+        return f"running ({step}, pid {pid})" if _pid_alive(pid) else None
+    if age <= HEARTBEAT_STALE_S:
+        return f"running ({step} on {host}, {age:.0f} s ago)"
+    return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def stage(run_dir: str, events: list[dict]) -> str:
     """done | running | requeued | failed | stopped | not started."""
     if os.path.exists(os.path.join(run_dir, "done.json")):
@@ -78,6 +114,9 @@ def stage(run_dir: str, events: list[dict]) -> str:
         return "requeued (waiting to resume)"
     if last == "failed":
         return "failed"
+    running = heartbeat(run_dir)
+    if running:
+        return running
     if os.path.exists(os.path.join(run_dir, "checkpoints", "latest")):
         return "stopped (resumable from its last checkpoint)"
     if os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
@@ -85,8 +124,31 @@ def stage(run_dir: str, events: list[dict]) -> str:
     return "not started"
 
 
+def stage_dirs(root: str) -> list[str]:
+    """The run directories under a `clip-stages` run root, by name (the root does not record the
+    stage order)."""
+    if any(os.path.exists(os.path.join(root, m)) for m in RUN_MARKERS):
+        return []  # a run directory itself
+    found = [entry.path for entry in os.scandir(root) if entry.is_dir()
+             and any(os.path.exists(os.path.join(entry.path, m)) for m in RUN_MARKERS)]
+    return sorted(found)
+
+
 def run_status(run_dir: str, recent: int = 5) -> dict:
-    """Everything `clip-status` prints, as a dict (for scripts and tests)."""
+    """Everything `clip-status` prints, as a dict (for scripts and tests). For a `clip-stages`
+    run root: each stage's status under "stages", and the root's stage summarising them."""
+    stages = stage_dirs(run_dir)
+    if stages:
+        per_stage = {os.path.basename(path): run_status(path, recent) for path in stages}
+        open_stages = {name: s["stage"] for name, s in per_stage.items() if s["stage"] != "done"}
+        running = [name for name, s in open_stages.items() if s.startswith("running")]
+        done = len(stages) - len(open_stages)
+        summary = (f"done (all {len(stages)} stages)" if not open_stages else
+                   f"stage {running[0]} {open_stages[running[0]]}, {done} of {len(stages)} "
+                   f"stages done" if running else
+                   f"{done} of {len(stages)} stages done; " + ", ".join(
+                       f"{name}: {s}" for name, s in open_stages.items()))
+        return {"run_dir": run_dir, "stage": summary, "stages": per_stage}
     events = read_events(run_dir)
     metrics = read_metrics(run_dir)
     starts = [e for e in events if e["event"] == "start"]
@@ -116,6 +178,12 @@ def _format_metric(record: dict) -> str:
 
 def format_status(status: dict) -> str:
     lines = [f"run        {status['run_dir']}", f"stage      {status['stage']}"]
+    if "stages" in status:
+        for name, sub_status in status["stages"].items():
+            ckpt = sub_status["checkpoint"]
+            lines.append(f"  {name}: {sub_status['stage']}"
+                         + (f", checkpoint {ckpt['tag']}" if ckpt else ""))
+        return "\n".join(lines)
     if status["job"] is not None:
         lines.append(f"job        {status['job']} (restarts: {status['restarts']}, "
                      f"last event: {status['last_event']})")

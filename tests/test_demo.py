@@ -42,6 +42,9 @@ def test_quick_demo_writes_the_table_and_a_rerun_skips_every_step(tmp_path):
         assert (out / "eval" / f"{name}.json").is_file()
     assert (out / "report" / "training.png").stat().st_size > 0
     assert "[7/7] report" in first.stdout
+    # --quick does not enforce the checks: no "CHECK FAILED" next to exit status 0
+    assert "CHECK FAILED" not in first.stdout + first.stderr + (out / "results.md").read_text()
+    assert "checks not enforced" in first.stdout
 
     table = (out / "results.md").read_text()
     second = run_demo(out)

@@ -75,8 +75,12 @@ class StepFailed(RuntimeError):
 
 
 class Demo:
-    def __init__(self, out: Path, scale: Scale, seed: int):
+    def __init__(self, out: Path, scale: Scale, seed: int, enforce_checks: bool = True):
         self.out, self.scale, self.seed = out, scale, seed
+        # --quick: the numbers of a few steps mean nothing, so a check that does not hold is
+        # reported as such, neither as a failure nor in the exit status
+        self.check_label = "CHECK FAILED" if enforce_checks else "check not met (not enforced with --quick)"
+        self.enforce_checks = enforce_checks
         self.data = out / "data"
         self.logs = out / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -211,7 +215,7 @@ class Demo:
             failures.append(f"the inherited run reached scratch's final quality at step "
                             f"{at['inherited']}, not before scratch's {at['scratch']}")
         text = "\n".join(["# Demo results", "", *table, "", *summary, "",
-                          *(f"CHECK FAILED: {f}" for f in failures)]) + "\n"
+                          *(f"{self.check_label}: {f}" for f in failures)]) + "\n"
         (self.out / "results.md").write_text(text)
         self.run("report", ["-m", "training.evaluation", "report",
                             *(str(self.out / name) for name in RUNS),
@@ -243,8 +247,11 @@ class Demo:
         records = self.evaluate()
         self.say(f"[7/7] report: {self.out / 'results.md'}, plots in {self.out / 'report'}")
         failures = self.report(records)
+        if not self.enforce_checks:
+            self.say("done (--quick: plumbing checked, checks not enforced)")
+            return 0
         for failure in failures:
-            print(f"demo: CHECK FAILED: {failure}", file=sys.stderr)
+            print(f"demo: {self.check_label}: {failure}", file=sys.stderr)
         self.say("done" if not failures else "done, with failed checks")
         return 1 if failures else 0
 
@@ -301,13 +308,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out or ("runs/demo-quick" if args.quick else "runs/demo")).resolve()
     os.chdir(Path(__file__).resolve().parent.parent)  # configs/ paths are repository-relative
-    demo = Demo(out, QUICK if args.quick else FULL, args.seed)
+    demo = Demo(out, QUICK if args.quick else FULL, args.seed, enforce_checks=not args.quick)
     try:
-        status = demo()
+        return demo()
     except StepFailed as err:
         print(f"demo: error: {err}", file=sys.stderr)
         return 2
-    return 0 if args.quick else status
 
 
 if __name__ == "__main__":

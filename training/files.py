@@ -2,8 +2,10 @@
 
 A reader (a resuming rank, `clip-status`, the next stage, a user's `cat`) sees the old file or
 the new one, never half of one: the content goes to a hidden temporary sibling, is flushed to disk
-(fsync) and renamed over the target (os.replace is atomic on POSIX file systems). Also the one
-file digest (`sha256_file`: manifests, teacher weights).
+(fsync) and renamed over the target (os.replace is atomic on POSIX file systems). The file gets
+the mode any new file gets (0666 minus the umask), also where the writer (safetensors) made it
+0600: on a shared file system colleagues read exports and inherited weights. Also the one file
+digest (`sha256_file`: manifests, teacher weights).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -31,6 +34,13 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    """The process umask (reading it means setting it: set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:

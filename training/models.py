@@ -11,7 +11,9 @@ build_student / build_teacher.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -192,7 +194,7 @@ def make_deepspeed_safe(model: nn.Module) -> nn.Module:
 
 def reference_shapes(model_name: str) -> dict[str, torch.Size]:
     """The state-dict shapes open_clip expects for `model_name` (built on the meta device: free)."""
-    with torch.device("meta"):
+    with torch.device("meta"), quiet_random_init():
         reference = open_clip.create_model(model_name, device="meta")
     return {k: v.shape for k, v in reference.state_dict().items()}
 
@@ -242,5 +244,25 @@ def export_open_clip(model_or_state_dict: nn.Module | dict[str, torch.Tensor],
 
 
 def _default_preprocess(name: str) -> dict:
-    with torch.device("meta"):
+    with torch.device("meta"), quiet_random_init():
         return dict(open_clip.get_model_preprocess_cfg(open_clip.create_model(name, device="meta")))
+
+
+class _RandomInitNotice(logging.Filter):
+    """open_clip logs "No pretrained weights loaded for model ... initialized randomly" for every
+    model built without a pretrained tag. Ours are built that way and get their weights after
+    (student_init, teacher_pretrained, a checkpoint) or are meant to start random: the line
+    would be wrong or noise (11 of them in one clip-stages run)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded for model")
+
+
+@contextlib.contextmanager
+def quiet_random_init():
+    root, notice = logging.getLogger(), _RandomInitNotice()
+    root.addFilter(notice)  # open_clip logs through the root logger
+    try:
+        yield
+    finally:
+        root.removeFilter(notice)

@@ -190,7 +190,7 @@ class OpenClipSpec(ModelSpec):
             config = json.loads((self.base_dir / models.EXPORT_CONFIG_FILE).read_text())
             if config.get("preprocess_cfg"):
                 return dict(config["preprocess_cfg"])
-        with torch.device("meta"):
+        with torch.device("meta"), models.quiet_random_init():
             model = open_clip.create_model(self.name, device="meta")
         return dict(open_clip.get_model_preprocess_cfg(model))
 
@@ -206,8 +206,9 @@ class OpenClipSpec(ModelSpec):
 
     def build(self, precision: str = "fp32", device: str | torch.device = "cpu",
               pretrained: str | None = None) -> nn.Module:
-        return open_clip.create_model(self.name, pretrained=pretrained, precision=precision,
-                                      device=device, output_dict=True)
+        with models.quiet_random_init():
+            return open_clip.create_model(self.name, pretrained=pretrained, precision=precision,
+                                          device=device, output_dict=True)
 
     def export(self, state: dict[str, torch.Tensor], out_dir: str | os.PathLike) -> Path:
         return models.export_open_clip(state, self.name, out_dir,
@@ -274,3 +275,4 @@ def build_teacher(spec: str | ModelSpec, pretrained: str | os.PathLike | None = 
                            f"teacher weights {pretrained}")
     model.eval().requires_grad_(False)
     return model, spec
+

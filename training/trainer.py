@@ -173,7 +173,7 @@ class Trainer:
             save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
             write_json_atomic(os.path.join(cfg.run_dir, "deepspeed_config.json"),
                               deepspeed_config(cfg, self.dist.world_size))
-        log.info(f"training {self.total_steps} steps from step {progress.step}: "
+        log.info(f"training {self.total_steps} steps from step {progress.step} in {cfg.run_dir}: "
                  f"{self.samples_per_step} samples/step, {self.steps_per_epoch} steps/epoch, "
                  f"world {self.dist.world_size}, ZeRO-{cfg.deepspeed.zero_stage}, "
                  f"{cfg.deepspeed.precision}")
@@ -339,12 +339,14 @@ class Trainer:
         evaluated_now = cfg.eval.every_steps and step % cfg.eval.every_steps == 0
         if cfg.eval.at_end and (cfg.eval.val or cfg.eval.zeroshot) and not evaluated_now:
             self.evaluate()
-        if cfg.checkpoint.export_at_end:
-            self.export(os.path.join(cfg.run_dir, "export"))
+        export = os.path.join(cfg.run_dir, "export") if cfg.checkpoint.export_at_end else None
+        if export:
+            self.export(export)
         if self.dist.is_main:
             write_json_atomic(os.path.join(cfg.run_dir, "done.json"),
                               {"step": step, "samples_seen": self.train_state.samples_seen,
                                "checkpoint": self.last_checkpoint, "time": time.time()})
+        self.metrics.summary(step, self.train_state.samples_seen, export)
         self.metrics.close()
 
     def export(self, out_dir: str) -> Optional[str]:

@@ -1,10 +1,16 @@
 """Peer check: OpenCLIP's own WebDataset loader (open_clip_train.data.get_wds_dataset, with its
 size detection from sizes.json) reads the shards our writer makes, and yields exactly the
-samples and captions that are in them."""
+samples and captions that are in them; and OpenCLIP's unmodified trainer
+(`python -m open_clip_train.main --dataset-type webdataset`) trains one epoch on our shards and on
+img2dataset's, in the environment requirements.lock builds (webdataset 0.2.86: see
+requirements.txt). Nothing of open_clip_train is patched here."""
 from __future__ import annotations
 
-import functools
 import json
+import os
+import re
+import subprocess
+import sys
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -14,22 +20,13 @@ import open_clip
 import pytest
 import torch
 
+from tests.helpers.http_server import ImageServer, image_route
 from tests.helpers.shards import make_synthetic_shards
 
 open_clip_data = pytest.importorskip("open_clip_train.data")
 
 TRAIN, VAL, SAMPLES_PER_SHARD, BATCH = 200, 40, 64, 8
 IMAGE_SIZE, CONTEXT = 64, 32
-
-
-@pytest.fixture(autouse=True)
-def open_clip_webdataset_fix(monkeypatch):
-    """open_clip_train pins webdataset <= 0.2.86; with 0.2.111 tar_file_expander ends every
-    shard with an end-of-file marker that its group_by_keys_nothrow cannot read (KeyError
-    'fname'; open_clip issue #935). Its older behaviour is eof_value=None. Patched here only."""
-    original = open_clip_data.tar_file_expander
-    monkeypatch.setattr(open_clip_data, "tar_file_expander",
-                        functools.partial(original, eof_value=None))
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +111,86 @@ def test_eval_loader_reads_the_val_split(shards):
                 if member.name.endswith(".json"):
                     first_captions[json.loads(tar.extractfile(member).read())["captions"][0]] += 1
     assert first_captions == Counter(tokenizer.seen)
+
+
+# ---------------------------------------------------------------- OpenCLIP's own trainer
+
+STUDENT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "models" / "Tiny-ViT-Student.json"
+TRAINER_BATCH = 40
+
+
+def train_one_epoch_with_open_clip(work: Path, train_data: str, num_samples: int | None,
+                                   batch_size: int) -> tuple[str, Path]:
+    """`python -m open_clip_train.main`, unmodified, one epoch on CPU. The tiny model reaches it
+    through open_clip's own `local-dir:` model schema (a folder holding open_clip_config.json),
+    so nothing is registered or patched in its process. Returns (its log, its epoch checkpoint)."""
+    model_dir = work / "model"
+    model_dir.mkdir()
+    (model_dir / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": json.loads(STUDENT_CONFIG.read_text())}))
+    command = [sys.executable, "-m", "open_clip_train.main", "--dataset-type", "webdataset",
+               "--train-data", train_data, "--model", f"local-dir:{model_dir}",
+               "--device", "cpu", "--precision", "fp32", "--epochs", "1",
+               "--batch-size", str(batch_size), "--workers", "0", "--warmup", "1",
+               "--logs", str(work / "logs"), "--name", "peer", "--report-to", "none",
+               "--seed", "0"]
+    if num_samples is not None:
+        command += ["--train-num-samples", str(num_samples)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NO_ALBUMENTATIONS_UPDATE": "1"}
+    done = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True,
+                          timeout=300)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    return output, work / "logs" / "peer" / "checkpoints" / "epoch_1.pt"
+
+
+def assert_one_full_epoch(output: str, checkpoint: Path, samples: int) -> None:
+    assert "KeyError" not in output
+    # open_clip_train logs the last step of the epoch as "[seen/planned (100%)]"
+    assert re.search(rf"Train Epoch: 0 \[{samples}/{samples} \(100%\)\]", output), output[-3000:]
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in state["state_dict"].values())
+
+
+@pytest.mark.slow  # one open_clip_train process: about 20 s
+def test_open_clip_trainer_trains_one_epoch_on_our_shards(shards, tmp_path):
+    output, checkpoint = train_one_epoch_with_open_clip(
+        tmp_path, shards["train_shards"], None, TRAINER_BATCH)  # size from our sizes.json
+    assert_one_full_epoch(output, checkpoint, TRAIN)
+
+
+IMG2DATASET_IMAGES, IMG2DATASET_PER_SHARD = 12, 8
+
+
+@pytest.fixture(scope="module")
+def img2dataset_shards(tmp_path_factory):
+    """img2dataset itself (not our laion wrapper) downloads 12 images from a server on 127.0.0.1
+    into its own webdataset layout: 00000.tar (8 samples) and 00001.tar (4), no sizes.json."""
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    import img2dataset
+
+    work = tmp_path_factory.mktemp("img2dataset")
+    routes = {f"/{i}.jpg": image_route(80 + i, 72, seed=i) for i in range(IMG2DATASET_IMAGES)}
+    with ImageServer(routes) as server:
+        url_list = work / "urls.csv"
+        url_list.write_text("url,caption\n" + "".join(
+            f"{server.url(path)},picture number {i}\n" for i, path in enumerate(routes)))
+        img2dataset.download(url_list=str(url_list), input_format="csv", url_col="url",
+                             caption_col="caption", output_format="webdataset",
+                             output_folder=str(work / "out"), image_size=IMAGE_SIZE,
+                             resize_mode="center_crop", processes_count=1, thread_count=4,
+                             number_sample_per_shard=IMG2DATASET_PER_SHARD, enable_wandb=False,
+                             disallowed_header_directives=[])
+    out = work / "out"
+    assert sorted(p.name for p in out.glob("*.tar")) == ["00000.tar", "00001.tar"]
+    assert sum(captions_in_tars(out).values()) == IMG2DATASET_IMAGES
+    return out
+
+
+@pytest.mark.slow  # img2dataset (spawns a process) + one open_clip_train process: about 30 s
+def test_open_clip_trainer_trains_one_epoch_on_img2dataset_shards(img2dataset_shards, tmp_path):
+    batch = 4
+    output, checkpoint = train_one_epoch_with_open_clip(
+        tmp_path, str(img2dataset_shards / "{00000..00001}.tar"), IMG2DATASET_IMAGES, batch)
+    assert_one_full_epoch(output, checkpoint, IMG2DATASET_IMAGES)

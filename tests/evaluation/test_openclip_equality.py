@@ -22,7 +22,7 @@ TEMPLATES = [t.replace("{c}", "{}") for t in OUR_TEMPLATES]   # open_clip's form
 
 def peer_samples(folder, *fields):
     urls = sorted(str(p) for p in folder.glob("*.tar"))
-    return list(wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode("pil")
+    return list(wds.WebDataset(urls, shardshuffle=False).decode("pil")
                 .to_tuple(*fields))
 
 

@@ -65,6 +65,18 @@ def test_console_line_has_throughput_losses_lr_and_eta(run):
         assert part in lines[-1], (part, lines[-1])
 
 
+def test_console_names_the_run_dir_and_ends_with_a_summary(run):
+    run_dir, stdout, _ = run
+    lines = stdout.splitlines()
+    assert any(f"training {STEPS} steps from step 0 in {run_dir}: " in line for line in lines)
+    done = next(i for i, line in enumerate(lines) if f"done: {STEPS} of {STEPS} steps, " in line)
+    assert f"samples seen" in lines[done] and lines[done].endswith(f"run directory {run_dir}")
+    assert lines[done + 1].startswith("  final train: loss ")
+    assert lines[done + 2].startswith("  final eval:  ") and "zeroshot/top1" in lines[done + 2]
+    assert lines[done + 3] == f"  export:      {run_dir / 'export'}"
+    assert not (run_dir / "running.json").exists()  # removed at the end: clip-status says done
+
+
 def test_metrics_jsonl_records_training_eval_and_corrupt_samples(run):
     run_dir, _, _ = run
     records = read_metrics(run_dir)

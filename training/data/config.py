@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional
 
+import braceexpand
 from omegaconf import MISSING
 
 from training.config_files import ConfigError
@@ -37,6 +38,9 @@ class DataConfig:
                  f"must be a non-empty shard spec, got {train!r}")
         parts = [part.strip() for part in train.split(SOURCE_SEPARATOR)]
         _require(all(parts), "train", f"empty source between '{SOURCE_SEPARATOR}' in {train!r}")
+        _require(all(_braces_balanced(p) for p in parts), "train",
+                 f"unbalanced braces in {train!r} (a shard pattern looks like "
+                 f"DIR/shard-{{000000..000009}}.tar)")
         for name, low in (("batch_size", 1), ("workers", 0), ("shuffle_buffer", 0),
                           ("corrupt_min_samples", 0)):
             value = getattr(self, name)
@@ -57,6 +61,15 @@ class DataConfig:
                      f"needs one weight per '{SOURCE_SEPARATOR}' source ({len(parts)}), got {len(weights)}")
             _require(all(_is_number(w) and w > 0 for w in weights), "train_weights",
                      f"weights must be positive, got {list(weights)}")
+
+
+def _braces_balanced(pattern: str) -> bool:
+    """What braceexpand (webdataset's pattern syntax) accepts: it raises on the first item."""
+    try:
+        next(braceexpand.braceexpand(pattern), None)
+    except braceexpand.UnbalancedBracesError:
+        return False
+    return True
 
 
 def _require(ok: bool, name: str, message: str) -> None:

@@ -40,6 +40,7 @@ class ShardSizes:
 
     def __init__(self):
         self._folder_sizes: dict[str, dict] = {}
+        self._checked_folders: set[str] = set()
 
     def __call__(self, url: str) -> int:
         if url.startswith("pipe:"):
@@ -47,10 +48,15 @@ class ShardSizes:
         folder, name = posixpath.split(url)
         sizes = self._sizes_json(folder)
         if name in sizes:
-            return int(sizes[name])
-        stats = read_json(posixpath.join(folder, name.rsplit(".", 1)[0] + "_stats.json"))
+            listed = self._count_value(sizes[name], posixpath.join(folder, "sizes.json"), name)
+            if folder not in self._checked_folders:
+                self._checked_folders.add(folder)
+                self._check_listing(url, listed)
+            return listed
+        stats_url = posixpath.join(folder, name.rsplit(".", 1)[0] + "_stats.json")
+        stats = read_json(stats_url)
         if stats is not None and "successes" in stats:
-            return int(stats["successes"])
+            return self._count_value(stats["successes"], stats_url, "successes")
         return self._count(url)
 
     def _sizes_json(self, folder: str) -> dict:
@@ -59,9 +65,37 @@ class ShardSizes:
         return self._folder_sizes[folder]
 
     @staticmethod
-    @functools.lru_cache(maxsize=None)  # the trainer plans every epoch: count each shard once
+    def _count_value(value, path: str, key: str) -> int:
+        """A sample count from a listing, or a one-line DataError naming the file, key, value."""
+        if isinstance(value, str) and value.strip().isdigit():  # open_clip_train: int(value)
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise DataError(f"{path}: {key!r} must be a sample count (an integer >= 0), got "
+                            f"{value!r}; rebuild it with clip-data verify")
+        return value
+
+    @staticmethod
+    def _check_listing(url: str, listed: int) -> None:
+        """A sizes.json that lists too few samples makes every epoch silently shorter than the
+        data. The first local shard of each folder is read once and its samples counted; a
+        difference can also be corrupt samples, which verify leaves out, hence a warning."""
+        if "://" in url:
+            return
+        keys = ShardSizes._samples_in(url)
+        if keys > listed:
+            log.warning("%s holds %d samples, its sizes.json lists %d: unless the difference is "
+                        "corrupt samples, every epoch is shorter than the data; `clip-data verify "
+                        "%s` rebuilds sizes.json", url, keys, listed, posixpath.dirname(url))
+
+    @staticmethod
+    @functools.lru_cache(maxsize=None)  # warn once per shard
     def _count(url: str) -> int:
         log.warning("no sizes.json or *_stats.json for %s: counting its samples", url)
+        return ShardSizes._samples_in(url)
+
+    @staticmethod
+    @functools.lru_cache(maxsize=None)  # the trainer plans every epoch: count each shard once
+    def _samples_in(url: str) -> int:
         return sum(1 for _ in read_shard(url))
 
 

@@ -9,19 +9,21 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import PIL.Image
-from webdataset.tariterators import base_plus_ext, tar_file_iterator
+from webdataset.tariterators import base_plus_ext
 
 from .sources import DataError, open_url
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+META_NAME = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta: __index__ and the like
 
 
 class CorruptDataError(DataError):
@@ -44,9 +46,11 @@ def read_shard(url: str, account: "SampleAccount | None" = None) -> Iterator[dic
     """Yield the tar members of one shard grouped by key: {"__key__", "__url__", ext: bytes}.
 
     A shard that cannot be opened, is cut short, or whose `pipe:` command fails ends early: that is
-    logged and counted (account.shard_errors), and its incomplete last group is dropped.
-    Grouping is written here rather than taken from webdataset because webdataset's own
-    group_by_keys changed behaviour between versions (end-of-shard markers).
+    logged and counted (account.shard_errors). The sample whose member was being read is dropped
+    and counted as skipped ("truncated_sample"); every sample before it was complete and is
+    yielded. Tar reading and grouping are written here rather than taken from webdataset because
+    its tar_file_iterator hides which member failed and its group_by_keys changed behaviour
+    between versions (end-of-shard markers).
     """
     try:
         stream = open_url(url)
@@ -55,19 +59,23 @@ def read_shard(url: str, account: "SampleAccount | None" = None) -> Iterator[dic
         return
     current: dict | None = None
     try:
-        for member in tar_file_iterator(stream):
-            key, ext = base_plus_ext(member["fname"])
-            if key is None:
-                continue
-            if current is not None and current["__key__"] != key:
-                yield current
-                current = None
-            if current is None:
-                current = {"__key__": key, "__url__": url}
-            current[ext.lower()] = member["data"]
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for info in tar:
+                key, ext = base_plus_ext(info.name) if info.isreg() else (None, None)
+                if key is None or META_NAME.match(info.name):
+                    continue
+                if current is not None and current["__key__"] != key:
+                    yield current  # complete: the next sample's member header came
+                    current = None
+                if current is None:
+                    current = {"__key__": key, "__url__": url}
+                current[ext.lower()] = tar.extractfile(info).read()
+                tar.members = []  # a stream's TarFile would otherwise keep every header
         stream.close()  # a pipe's exit status is checked here
     except (OSError, tarfile.TarError, ValueError) as exn:
         _unreadable(url, exn, account)
+        if current is not None and account is not None:
+            account.skip("truncated_sample", url)
         return
     finally:
         # Reached early when the reader stops mid-shard; a pipe's command then dies of SIGPIPE,

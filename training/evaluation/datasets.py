@@ -50,14 +50,23 @@ class EvalSet:
 def open_eval_set(path: str | os.PathLike) -> EvalSet:
     """Describe the evaluation set at `path`, checking it first: a shard folder, an ImageFolder
     tree, or shard files as a brace pattern (`DIR/val-{000000..000003}.tar`, `::`-joined lists
-    allowed; class names and templates are then read from the first shard's folder)."""
+    allowed; class names and templates are then read from the first shard's folder). A folder
+    without shards whose one subfolder holds them (what `clip-data folder` and clip_benchmark
+    write: OUT/classnames.txt + OUT/test/) is read through that split."""
     if str(path).endswith(".tar"):
         return _shard_pattern_set(str(path))
     path = Path(path)
     if not path.is_dir():
         raise EvalDataError(f"{path}: evaluation set not found (expected a folder of .tar shards "
                             f"or an ImageFolder tree)")
-    shards = sorted(str(p) for p in path.glob("*.tar"))
+    shards = shard_files(path)
+    if not shards:
+        splits = sorted(p.name for p in path.iterdir() if p.is_dir() and shard_files(p))
+        if len(splits) == 1:
+            return open_eval_set(path / splits[0])
+        if splits:
+            raise EvalDataError(f"{path} holds the shard splits {', '.join(splits)}: name one "
+                                f"(e.g. {path / splits[0]})")
     classnames = _read_lines(path / CLASSNAMES_FILE)
     templates = _read_lines(path / TEMPLATES_FILE)
     if templates is not None:
@@ -73,10 +82,23 @@ def open_eval_set(path: str | os.PathLike) -> EvalSet:
     raise EvalDataError(f"{path}: no .tar shards and no class folders")
 
 
+def shard_files(folder: Path) -> list[str]:
+    """The folder's .tar shards, each file once: clip_benchmark's 0.tar, 1.tar, ... links (which
+    `clip-data folder` writes) name shards that are already in the folder."""
+    chosen: dict[Path, Path] = {}
+    for p in sorted(folder.glob("*.tar"), key=lambda p: (p.is_symlink(), p.name)):
+        if p.is_file():
+            chosen.setdefault(p.resolve(), p)
+    return sorted(str(p) for p in chosen.values())
+
+
 def _shard_pattern_set(spec: str) -> EvalSet:
     from braceexpand import braceexpand  # webdataset's own dependency, same pattern syntax
 
-    shards = [url for part in spec.split("::") for url in braceexpand(part)]
+    try:
+        shards = [url for part in spec.split("::") for url in braceexpand(part)]
+    except ValueError as e:  # braceexpand.UnbalancedBracesError
+        raise EvalDataError(f"{spec}: not a shard pattern: {e}") from None
     missing = [url for url in shards if not Path(url).is_file()]
     if missing:
         raise EvalDataError(f"{spec}: shard {missing[0]} not found"

@@ -2,7 +2,7 @@
 
     clip-inherit --teacher ViT-B-32 --teacher-pretrained /data/vit_b_32.safetensors \\
         --student TinyCLIP-ViT-61M-32-Text-29M --out runs/inherit-61m \\
-        --depth uniform --width activation --data '/data/shards/train-{000000..000009}.tar'
+        --depth interval --width activation --data '/data/shards/train-{000000..000009}.tar'
 
 writes runs/inherit-61m/student.safetensors and inheritance.json (record.py); a training run
 starts from it with `model.student_init=runs/inherit-61m/student.safetensors`. Rerunning with
@@ -10,6 +10,8 @@ the same inputs prints "up to date" and does nothing.
 
 --width: front (TinyCLIP's slicing), weight-norm (importance by weight norms, no data), or
 activation (importance by activation statistics on --batches batches of --data shards).
+--depth: uniform (the default) or interval (TinyCLIP's rule: `--depth interval --width front`
+reproduces TinyCLIP's manual inheritance), or first. docs/inheritance.md says why.
 """
 from __future__ import annotations
 
@@ -120,11 +122,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-pretrained", help="state-dict file or open_clip tag")
     p.add_argument("--student", required=True, help="open_clip name or JSON config")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--depth", default="uniform", choices=DEPTH_RULES)
-    p.add_argument("--width", default="front", choices=WIDTH_CHOICES)
+    p.add_argument("--depth", default="uniform", choices=DEPTH_RULES,
+                   help="which teacher layers the student's layers copy (default: %(default)s, "
+                        "spread evenly from first to last). 'interval' is TinyCLIP's rule: use "
+                        "it (with --width front) to reproduce TinyCLIP's manual inheritance and "
+                        "compare with its model zoo. docs/inheritance.md")
+    p.add_argument("--width", default="front", choices=WIDTH_CHOICES,
+                   help="which heads/channels are kept (default: %(default)s, TinyCLIP's "
+                        "slicing)")
     p.add_argument("--data", help="shard spec for --width activation")
-    p.add_argument("--batches", type=int, default=4)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batches", type=int, default=4,
+                   help="batches of --data for --width activation (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="batch size of those batches (default: %(default)s)")
     return p
 
 
