@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import shutil
 
@@ -38,9 +39,9 @@ def test_sidecar_holds_every_sample_with_its_crops_and_captions(embedded):
     assert [s["__key__"] for s in sidecar] == [s["__key__"] for s in images]
     for image, stored in zip(images, sidecar):
         captions = json.loads(image["json"])["captions"]
-        crops = np.load(__import__("io").BytesIO(stored["crops.npy"]))
-        img = np.load(__import__("io").BytesIO(stored["img0.npy"]))
-        txt = np.load(__import__("io").BytesIO(stored["txt0.npy"]))
+        crops = np.load(io.BytesIO(stored["crops.npy"]))
+        img = np.load(io.BytesIO(stored["img0.npy"]))
+        txt = np.load(io.BytesIO(stored["txt0.npy"]))
         assert crops.shape == (2, 4) and img.shape == (2, 64) and txt.shape == (len(captions), 64)
         np.testing.assert_allclose(np.linalg.norm(img, axis=1), 1, atol=1e-5)
 
