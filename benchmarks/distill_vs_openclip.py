@@ -69,7 +69,8 @@ def prepare(tmp: Path, samples: int) -> dict:
 def child_env(threads: int) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                WANDB_MODE="disabled", NO_ALBUMENTATIONS_UPDATE="1", HF_HUB_OFFLINE="1",
-               PYTHONPATH=str(ROOT))
+               PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in os.environ.get(
+                   "PYTHONPATH", "").split(os.pathsep) if p]))
     for launcher_var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(launcher_var, None)
     return env
@@ -85,8 +86,10 @@ def run_logged(cmd: list[str], env: dict, log_file: Path) -> None:
 
 
 # ---- ours ----------------------------------------------------------------------------------
-def run_ours(inputs: dict, run_dir: Path, args) -> list[tuple[float, float]]:
-    """`python -m training` on configs/tiny-distill.yaml; (data wait, step time) per step."""
+def run_ours(inputs: dict, run_dir: Path, args, extra: dict | None = None
+             ) -> list[tuple[float, float]]:
+    """`python -m training` on configs/tiny-distill.yaml (+ `extra` overrides); (data wait,
+    step time) per step."""
     overrides = {
         "run_dir": run_dir, "data.train": inputs["train"], "data.batch_size": args.batch,
         "data.workers": args.workers, "data.shuffle_buffer": 0,
@@ -99,7 +102,7 @@ def run_ours(inputs: dict, run_dir: Path, args) -> list[tuple[float, float]]:
         "deepspeed.zero_stage": args.zero_stage, "deepspeed.precision": "fp32",
         "checkpoint.every_steps": 0, "checkpoint.resume": "null",
         "checkpoint.export_at_end": "false", "log.every_steps": 1, "log.tensorboard": "false",
-        "log.wandb": "disabled",
+        "log.wandb": "disabled", **(extra or {}),
     }
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "ours", args.clock,
            "--config", "configs/tiny-distill.yaml", *(f"{k}={v}" for k, v in overrides.items())]
@@ -118,7 +121,7 @@ def run_openclip(inputs: dict, logs: Path, args) -> list[tuple[float, float]]:
            "--train-num-samples", str(args.steps * args.batch), "--batch-size", str(args.batch),
            "--workers", str(args.workers), "--epochs", "1",
            "--model", STUDENT, "--distill-model", TEACHER, "--distill-pretrained", inputs["teacher"],
-           "--device", "cpu", "--precision", "fp32",
+           *getattr(args, "openclip_device_args", ["--device", "cpu", "--precision", "fp32"]),
            "--lr", str(OPTIM["lr"]), "--wd", str(OPTIM["weight_decay"]),
            "--beta1", str(OPTIM["beta1"]), "--beta2", str(OPTIM["beta2"]), "--eps", str(OPTIM["eps"]),
            "--warmup", str(OPTIM["warmup"]), "--grad-clip-norm", str(OPTIM["grad_clip"]),

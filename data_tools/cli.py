@@ -13,7 +13,7 @@ import sys
 from data_tools import __version__
 from data_tools.errors import DataError
 
-SUBCOMMAND_MODULES = ("synthetic", "coco", "karpathy", "local", "laion", "verify")
+SUBCOMMAND_MODULES = ("synthetic", "coco", "karpathy", "local", "laion", "verify", "embed")
 
 
 def _add_unavailable(subparsers, name: str, why: str) -> None:

@@ -41,7 +41,7 @@ from tqdm import tqdm
 from data_tools import __version__
 from data_tools.errors import DataError, Skip
 from training.data.sources import read_text
-from training.files import write_bytes_atomic
+from training.files import sha256_file, write_bytes_atomic
 
 MANIFEST_NAME = "manifest.json"
 SIZES_NAME = "sizes.json"
@@ -146,14 +146,6 @@ def location(text: str) -> Path | RemotePath:
 
 
 # ---------------------------------------------------------------- small file helpers (public)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def atomic_write_bytes(path: Path | RemotePath, data: bytes) -> None:
@@ -308,7 +300,7 @@ def _output_error(path: Path, e: OSError) -> Exception:
 # ---------------------------------------------------------------- one shard (runs in a worker)
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     """Fixed metadata so that the same samples always give the same bytes."""
     info = tarfile.TarInfo(name)
     info.size = len(data)
@@ -346,7 +338,7 @@ def write_shard(source: Source, plan: ShardPlan, shard: int, progress=None) -> S
                     else:
                         key = plan.key(index)
                         for ext in sorted(members):
-                            _add_member(tar, f"{key}.{ext}", members[ext])
+                            add_member(tar, f"{key}.{ext}", members[ext])
                         count += 1
                     pending += 1
                     if progress is not None and pending >= 16:
@@ -354,11 +346,8 @@ def write_shard(source: Source, plan: ShardPlan, shard: int, progress=None) -> S
                         pending = 0
             f.flush()
             os.fsync(f.fileno())
-        record = ShardRecord(name=name, count=count, sha256=sha256_file(partial),
-                             bytes=partial.stat().st_size, skipped=dict(sorted(skipped.items())),
-                             skipped_examples=examples)
-        _save_progress_record(plan, record)
-        os.replace(partial, final)
+        record = commit_shard(partial, final, plan.fingerprint, count=count,
+                              skipped=dict(sorted(skipped.items())), skipped_examples=examples)
         if plan.remote is not None:   # the shard whole, then its record; the staging copy goes
             (plan.remote / name).put(final)
             record_name = f"{PROGRESS_DIR}/{name}.json"
@@ -372,10 +361,87 @@ def write_shard(source: Source, plan: ShardPlan, shard: int, progress=None) -> S
     return record
 
 
-def _save_progress_record(plan: ShardPlan, record: ShardRecord) -> None:
-    folder = plan.out_dir / PROGRESS_DIR
+def commit_shard(partial: Path, final: Path, fingerprint: str, **fields) -> ShardRecord:
+    """A completely written (and fsynced) partial file becomes shard `final`: its record goes to
+    `.progress/` first (the unit of resume), then the atomic rename."""
+    record = ShardRecord(name=final.name, sha256=sha256_file(partial),
+                         bytes=partial.stat().st_size, **fields)
+    folder = final.parent / PROGRESS_DIR
     folder.mkdir(exist_ok=True)
-    atomic_write_json(folder / f"{record.name}.json", {"plan": plan.fingerprint, **asdict(record)})
+    atomic_write_json(folder / f"{record.name}.json", {"plan": fingerprint, **asdict(record)})
+    os.replace(partial, final)
+    return record
+
+
+def finished_records(out_dir: Path, fingerprint: str, names: list[str], *, overwrite: bool,
+                     clear, remote: RemotePath | None = None) -> dict[str, ShardRecord]:
+    """Shards named `names` that a previous run of the same plan completed (its manifest.json or
+    `.progress/` records, in `remote` when the set is written there; the file present with the
+    recorded sha256, or for an object store with the recorded size, uploads being whole).
+    Records of another plan: DataError, or with `overwrite`, `clear()` and nothing is finished."""
+    records = {}
+    for entry in _previous_records(Path(out_dir), remote):
+        if entry.pop("plan", None) != fingerprint:
+            if not overwrite:
+                raise DataError(f"{remote or out_dir} holds a shard set written with different "
+                                "arguments; use an empty folder or pass --overwrite")
+            clear()
+            return {}
+        records[entry["name"]] = ShardRecord(**entry)
+    uploaded = remote_sizes(remote, prefix=None) if remote is not None else {}
+    done = {}
+    for name in names:
+        record, path = records.get(name), Path(out_dir) / name
+        if record and remote is not None and uploaded.get(name) == record.bytes:
+            done[name] = record
+        elif record and path.is_file() and path.stat().st_size == record.bytes \
+                and sha256_file(path) == record.sha256:
+            done[name] = record
+    return done
+
+
+def remote_sizes(remote: RemotePath, prefix: str | None) -> dict[str, int]:
+    """{object name: bytes} of the .tar objects in `remote` (named `prefix`-* when given)."""
+    fs, root = remote.fs()
+    fs.invalidate_cache(root)   # listings are cached per filesystem instance
+    pattern = f"{root}/{prefix}-*.tar" if prefix else f"{root}/*.tar"
+    return {path.rsplit("/", 1)[-1]: info["size"] for path, info in fs.glob(pattern, detail=True).items()}
+
+
+def _previous_texts(out_dir: Path, remote: RemotePath | None
+                    ) -> tuple[str | None, list[tuple[Path | None, str]]]:
+    """manifest.json's text (None if absent) and each progress record's (local path, text)."""
+    if remote is not None:
+        fs, root = (remote / PROGRESS_DIR).fs()
+        fs.invalidate_cache(root)
+        records = [(None, fs.cat_file(path).decode()) for path in sorted(fs.glob(f"{root}/*.json"))]
+        return read_text(str(remote / MANIFEST_NAME)), records
+    manifest_path = out_dir / MANIFEST_NAME
+    manifest = manifest_path.read_text() if manifest_path.is_file() else None
+    return manifest, [(path, path.read_text())
+                      for path in sorted((out_dir / PROGRESS_DIR).glob("*.json"))]
+
+
+def _previous_records(out_dir: Path, remote: RemotePath | None = None) -> list[dict]:
+    entries = []
+    manifest_text, progress = _previous_texts(out_dir, remote)
+    if manifest_text is not None:
+        try:
+            manifest = json.loads(manifest_text)
+            for shard in manifest.get("shards", []):
+                examples = {k: [e for e in v if e.get("shard") == shard["name"]]
+                            for k, v in manifest.get("skipped_examples", {}).items()}
+                entries.append({"plan": manifest.get("plan"), **shard,
+                                "skipped_examples": {k: v for k, v in examples.items() if v}})
+        except (ValueError, KeyError, TypeError):
+            entries.append({"plan": "unreadable manifest"})
+    for path, text in progress:
+        try:
+            entries.append(json.loads(text))
+        except ValueError:
+            if path is not None:
+                path.unlink()  # a torn record: that shard is simply redone
+    return entries
 
 
 _WORKER: dict = {}
@@ -494,67 +560,13 @@ class ShardSetWriter:
 
     def _finished_shards(self, plan: ShardPlan) -> dict[int, ShardRecord]:
         """Shards of this same plan that a previous run completed (manifest or .progress/)."""
-        records = {}
-        for entry in self._previous_records():
-            if entry.pop("plan", None) != plan.fingerprint:
-                if not self.overwrite:
-                    raise DataError(
-                        f"{self.out_dir} holds a shard set written with different arguments; "
-                        "use an empty folder or pass --overwrite")
-                self._clear()
-                return {}
-            records[entry["name"]] = ShardRecord(**entry)
-        done = {}
-        remote_sizes = self._remote_sizes() if self.remote else {}
-        for shard in range(plan.num_shards):
-            record = records.get(plan.shard_name(shard))
-            path = self.out_dir / plan.shard_name(shard)
-            if record and self.remote and remote_sizes.get(record.name) == record.bytes:
-                done[shard] = record   # uploads are whole: the size identifies the finished one
-            elif record and path.is_file() and path.stat().st_size == record.bytes \
-                    and sha256_file(path) == record.sha256:
-                done[shard] = record
-        return done
+        names = {plan.shard_name(shard): shard for shard in range(plan.num_shards)}
+        done = finished_records(self.out_dir, plan.fingerprint, list(names),
+                                overwrite=self.overwrite, clear=self._clear, remote=self.remote)
+        return {names[name]: record for name, record in done.items()}
 
     def _remote_sizes(self) -> dict[str, int]:
-        fs, root = self.remote.fs()
-        fs.invalidate_cache(root)   # listings are cached per filesystem instance
-        return {path.rsplit("/", 1)[-1]: info["size"]
-                for path, info in fs.glob(f"{root}/{self.prefix}-*.tar", detail=True).items()}
-
-    def _previous_texts(self) -> tuple[str | None, list[tuple[Path | None, str]]]:
-        """manifest.json's text (None if absent) and each progress record's (local path, text)."""
-        if self.remote is not None:
-            fs, root = (self.remote / PROGRESS_DIR).fs()
-            fs.invalidate_cache(root)
-            records = [(None, fs.cat_file(path).decode())
-                       for path in sorted(fs.glob(f"{root}/*.json"))]
-            return read_text(str(self.remote / MANIFEST_NAME)), records
-        manifest_path = self.out_dir / MANIFEST_NAME
-        manifest = manifest_path.read_text() if manifest_path.is_file() else None
-        return manifest, [(path, path.read_text())
-                          for path in sorted((self.out_dir / PROGRESS_DIR).glob("*.json"))]
-
-    def _previous_records(self) -> list[dict]:
-        entries = []
-        manifest_text, progress = self._previous_texts()
-        if manifest_text is not None:
-            try:
-                manifest = json.loads(manifest_text)
-                for shard in manifest.get("shards", []):
-                    examples = {k: [e for e in v if e.get("shard") == shard["name"]]
-                                for k, v in manifest.get("skipped_examples", {}).items()}
-                    entries.append({"plan": manifest.get("plan"), **shard,
-                                    "skipped_examples": {k: v for k, v in examples.items() if v}})
-            except (ValueError, KeyError, TypeError):
-                entries.append({"plan": "unreadable manifest"})
-        for path, text in progress:
-            try:
-                entries.append(json.loads(text))
-            except ValueError:
-                if path is not None:
-                    path.unlink()  # a torn record: that shard is simply redone
-        return entries
+        return remote_sizes(self.remote, self.prefix)
 
     def _remove_remote(self, target: RemotePath, recursive: bool = False) -> None:
         fs, path = target.fs()

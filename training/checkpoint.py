@@ -142,6 +142,9 @@ RESUME_INVARIANTS = (
     ("model.mask", "the saved weights and gates are that masked model's"),
     ("model.teacher", "the run distils from that teacher"),
     ("model.teacher_pretrained", "the run distils from those teacher weights"),
+    ("model.teacher_source", "the run distils from that teacher source"),
+    ("model.teacher_embeddings", "the run distils from that stored embedding set"),
+    ("model.ensemble", "the run distils from that teacher ensemble"),
 )
 
 

@@ -25,7 +25,8 @@ from training.files import WEIGHT_FILE_SUFFIXES, write_text_atomic
 PRECISIONS = ("fp32", "bf16", "fp16")
 FEATURE_KINDS = ("mse", "cosine")
 WANDB_MODES = ("disabled", "offline", "online")
-PRUNE_MODES = ("uniform", "per_layer")  # how training/inheritance/prune.py exports a masked student
+PRUNE_MODES = ("uniform", "per_layer")
+TEACHER_SOURCES = ("live", "shards")  # training/teachers.py  # how training/inheritance/prune.py exports a masked student
 
 __all__ = ["ConfigError", "DataConfig", "ModelConfig", "TrainConfig", "load_config", "save_config",
            "to_dict"]
@@ -74,6 +75,14 @@ class MaskConfig:
 
 
 @dataclass
+class EnsembleTeacher:
+    """One more teacher of a stored embedding set (model.ensemble)."""
+    model: str = MISSING  # as model.teacher
+    pretrained: Optional[str] = None  # as model.teacher_pretrained
+    logit_scale: Optional[float] = None  # None: the teacher's own (recorded in the set)
+
+
+@dataclass
 class ModelConfig:
     student: str = MISSING  # open_clip model name or path to a model-config JSON
     student_init: Optional[str] = None  # state-dict file (e.g. from clip-inherit)
@@ -82,6 +91,14 @@ class ModelConfig:
     teacher_dtype: str = "fp32"  # fp32 | bf16 | fp16
     grad_checkpointing: bool = False
     mask: Optional[MaskConfig] = None  # set: train a masked student, export it pruned
+    # Where the teacher's outputs come from: live (run model.teacher every step) or shards
+    # (embeddings `clip-data embed` stored beside the shards: no teacher model is built).
+    teacher_source: str = "live"
+    # The embedding set: folder NAME beside each shard folder (`clip-data embed --name NAME`).
+    # Required by shards; with live, the views and captions are the set's stored augmentations.
+    teacher_embeddings: Optional[str] = None
+    teacher_logit_scale: Optional[float] = None  # shards: None = the teacher's own (in the set)
+    ensemble: List[EnsembleTeacher] = field(default_factory=list)  # shards: more teachers
 
     def validate(self, cuda_available: bool) -> None:
         _require(self.teacher_dtype in PRECISIONS, "model.teacher_dtype",
@@ -102,6 +119,31 @@ class ModelConfig:
                          f"header does not parse)")
         if self.mask is not None:
             self.mask.validate()
+        self._validate_teacher_source()
+
+    def _validate_teacher_source(self) -> None:
+        _require(self.teacher_source in TEACHER_SOURCES, "model.teacher_source",
+                 f"must be one of {TEACHER_SOURCES}, got {self.teacher_source!r}")
+        name = self.teacher_embeddings
+        _require(name is None or (name not in ("", ".", "..") and "/" not in name
+                                  and "\\" not in name), "model.teacher_embeddings",
+                 f"must be a folder name (no path), got {name!r}")
+        stored = self.teacher_source == "shards"
+        _require(not stored or name is not None, "model.teacher_embeddings",
+                 "required with model.teacher_source=shards (the set clip-data embed --name wrote)")
+        _require(not stored or self.teacher is not None, "model.teacher",
+                 "required with model.teacher_source=shards: it names the stored set's teacher")
+        _require(stored or not self.ensemble, "model.ensemble",
+                 "needs model.teacher_source=shards (an ensemble is read from stored embeddings)")
+        _require(stored or self.teacher_logit_scale is None, "model.teacher_logit_scale",
+                 "needs model.teacher_source=shards (a live teacher uses its own)")
+        scales = [self.teacher_logit_scale] + [member.logit_scale for member in self.ensemble]
+        _require(all(scale is None or scale > 0 for scale in scales), "model.teacher_logit_scale",
+                 f"logit scales must be > 0 or null, got {scales}")
+        for i, member in enumerate(self.ensemble):
+            _require(member.pretrained is None or not member.pretrained.endswith(
+                WEIGHT_FILE_SUFFIXES) or os.path.isfile(member.pretrained),
+                f"model.ensemble.{i}.pretrained", f"file not found: {member.pretrained}")
 
 
 @dataclass
@@ -254,6 +296,8 @@ class TrainConfig:
         _require(not self.loss.needs_teacher or self.model.teacher is not None, "model.teacher",
                  "missing, but loss.affinity_weight or loss.feature_weight > 0 needs a teacher "
                  "(set those to 0 for plain CLIP training)")
+        _require(not self.model.ensemble or self.loss.feature_weight == 0, "loss.feature_weight",
+                 "must be 0 with model.ensemble (feature distillation needs one teacher)")
         if self.model.mask is not None:
             # The masked forward reads the blocks' weights itself: ZeRO-3's per-module
             # gathering never runs, and its activation checkpointing switch does not exist.

@@ -4,10 +4,12 @@ A reader (a resuming rank, `clip-status`, the next stage, a user's `cat`) sees t
 the new one, never half of one: the content goes to a hidden temporary sibling, is flushed to disk
 (fsync) and renamed over the target (os.replace is atomic on POSIX file systems). The file gets
 the mode any new file gets (0666 minus the umask), also where the writer (safetensors) made it
-0600: on a shared file system colleagues read exports and inherited weights.
+0600: on a shared file system colleagues read exports and inherited weights. Also the one file
+digest (`sha256_file`: manifests, teacher weights).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -56,3 +58,12 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int = 1) -> Pat
 
 # State-dict (weights) files this project reads: safetensors, or torch's (loaded weights_only).
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The file's sha256 (hex), read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -13,6 +13,10 @@ rows. The full-batch loss is the mean of the per-rank losses, so when the engine
 over ranks (DeepSpeed and DDP do) the result is exactly the single-process full-batch gradient; no
 extra scaling. All ranks must pass the same number of rows.
 
+Teacher dict: one teacher's outputs, or {"ensemble": [one dict per teacher]} (stored embeddings of
+several teachers, training/teachers.py): the affinity targets are then the members' softmax
+probabilities, each at its own logit scale, averaged.
+
 Rows may come from anywhere: the teacher dict can hold precomputed embeddings read from shards,
 and the student's rows can be the concatenation of this rank's micro-batches with all but one
 detached (OpenCLIP-style feature caching for gradient accumulation). The loss assumes nothing about
@@ -106,15 +110,14 @@ class DistillationLoss(nn.Module):
             s_logits = symmetric_logits(s_img, s_txt, gather_with_grad(s_img), gather_with_grad(s_txt),
                                         self._scale(student["logit_scale"]))
         if self.affinity_weight > 0:
-            t_img, t_txt = (teacher[k].float().detach() for k in ("image_features", "text_features"))
-            t_logits = symmetric_logits(t_img, t_txt, gather_with_grad(t_img), gather_with_grad(t_txt),
-                                        self._teacher_scale(teacher))
-            terms["affinity"] = sum(soft_cross_entropy(s, t.softmax(dim=-1))
-                                    for s, t in zip(s_logits, t_logits)) / 2
+            terms["affinity"] = sum(soft_cross_entropy(s, p)
+                                    for s, p in zip(s_logits, self._teacher_probs(teacher))) / 2
         if self.clip_weight > 0:
             targets = contrastive_targets(*local_and_global_ids(s_img.shape[0], s_img.device))
             terms["clip"] = sum(soft_cross_entropy(s, targets) for s in s_logits) / 2
         if self.feature_weight > 0:
+            if "ensemble" in teacher:
+                raise ValueError("loss feature term: needs one teacher, got an ensemble")
             terms["feature"] = sum(
                 self._feature_distance(student.get(f"{kind}_projected", student[kind]).float(),
                                        teacher[kind]) for kind in ("image_features", "text_features")) / 2
@@ -127,9 +130,27 @@ class DistillationLoss(nn.Module):
     def scales_used(self, student: dict, teacher: dict | None) -> dict[str, torch.Tensor]:
         """The logit scales the terms applied (the fixed one, else each model's own), to log."""
         scales = {"logit_scale": self._scale(student["logit_scale"]).detach().reshape(())}
-        if teacher is not None:
+        if teacher is None:
+            return scales
+        members = teacher.get("ensemble")
+        if members is None:
             scales["teacher_logit_scale"] = torch.as_tensor(self._teacher_scale(teacher)).float()
+        for t, member in enumerate(members or ()):
+            scales[f"teacher_logit_scale.{t}"] = torch.as_tensor(self._teacher_scale(member)).float()
         return scales
+
+    def _teacher_probs(self, teacher: dict) -> list[torch.Tensor]:
+        """The affinity targets (image -> text, text -> image): softmax of the teacher's logits;
+        for an ensemble ({"ensemble": [teacher dicts]}) each member's softmax at its own logit
+        scale, averaged after the softmax (MobileCLIP's reinforced-data recipe)."""
+        members = teacher.get("ensemble", [teacher])
+        probs = [0.0, 0.0]
+        for member in members:
+            t_img, t_txt = (member[k].float().detach() for k in ("image_features", "text_features"))
+            logits = symmetric_logits(t_img, t_txt, gather_with_grad(t_img), gather_with_grad(t_txt),
+                                      self._teacher_scale(member))
+            probs = [p + l.softmax(dim=-1) for p, l in zip(probs, logits)]
+        return [p / len(members) for p in probs]
 
     def _scale(self, logit_scale: torch.Tensor) -> torch.Tensor:
         """The (exponentiated) scale a term uses. A fixed scale still touches the learned one with

@@ -7,20 +7,63 @@
 A source tells the data pipeline which views it reads (`preprocess_cfg`: its image view, None
 for none; `tokenizer`: its caption ids, None for none) and returns the loss's teacher dict
 (image_features, text_features, logit_scale; training/losses.py) for the step's micro-batches,
-reading the batch keys `teacher_image` and `teacher_text` (training/data). Today: a live open_clip
-model (`LiveTeacher`). A new source (e.g. embeddings stored in the shards) is a new subclass and
-an entry in TEACHER_SOURCES; the trainer does not change.
+reading the batch keys `teacher_image` and `teacher_text` (training/data). Sources
+(`model.teacher_source`): a live open_clip model (`LiveTeacher`), or the embeddings
+`clip-data embed` stored beside the shards (`StoredTeacher`: no model; one or several teachers,
+an ensemble's outputs are {"ensemble": [one dict per teacher]}). `embeddings` (an EmbeddingSets,
+or None) tells the loader to take the views' crops and captions from a stored set. A new source is
+a new subclass and an entry in TEACHER_SOURCES; the trainer does not change.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from training import models
 from training.accumulation import concat_outputs
 from training.config import ModelConfig
-from training.specs import ModelSpec, TextTokenizer, build_teacher
+from training.data.config import DataConfig
+from training.files import sha256_file
+from training.specs import ModelSpec, TextTokenizer, build_teacher, model_spec
+
+
+def teacher_identity(spec: ModelSpec | str, pretrained: Optional[str]) -> dict:
+    """What makes two teachers' embeddings the same: architecture (name, config hash), weights
+    (open_clip tag, or the file's sha256), image preprocessing and embedding width. Recorded
+    by clip-data embed per teacher; a run reading the set compares it with its config's."""
+    spec = model_spec(spec)
+    is_file = pretrained is not None and Path(pretrained).suffix in models.STATE_DICT_SUFFIXES
+    config = json.dumps(spec.model_cfg, sort_keys=True).encode()
+    return {"model": spec.name, "config_sha256": hashlib.sha256(config).hexdigest(),
+            "pretrained": None if is_file else pretrained,
+            "weights_sha256": sha256_file(pretrained) if is_file else None,
+            "preprocess": json.loads(json.dumps(spec.preprocess_cfg, sort_keys=True)),
+            "embed_dim": spec.embed_dim}
+
+
+def _config_teachers(cfg: ModelConfig) -> list[tuple[str, Optional[str], Optional[float]]]:
+    """(model, pretrained, logit scale) of each teacher the config names, in order."""
+    return [(cfg.teacher, cfg.teacher_pretrained, cfg.teacher_logit_scale)] + [
+        (member.model, member.pretrained, member.logit_scale) for member in cfg.ensemble]
+
+
+def _embedding_sets(cfg: ModelConfig, data: Optional[DataConfig]):
+    """The run's embedding set, checked against the shards and the config's teachers (one-line
+    DataError before training), or None when the run reads none."""
+    if cfg.teacher_embeddings is None:
+        return None, None
+    from training.data.sidecar import EmbeddingSets
+    from training.data.sources import parse_sources
+    sets = EmbeddingSets(cfg.teacher_embeddings)
+    urls = [url for source in parse_sources(data.train, data.train_weights) for url in source.urls]
+    teachers = [teacher_identity(model, pretrained)
+                for model, pretrained, _ in _config_teachers(cfg)]
+    return sets, sets.check(urls, teachers)
 
 
 class TeacherSource:
@@ -28,6 +71,7 @@ class TeacherSource:
 
     kind: str = ""
     spec: Optional[ModelSpec] = None
+    embeddings = None  # an EmbeddingSets: the loader's views and captions come from it
 
     @property
     def embed_dim(self) -> int:
@@ -50,7 +94,9 @@ class LiveTeacher(TeacherSource):
 
     kind = "live"
 
-    def __init__(self, cfg: ModelConfig, device: torch.device):
+    def __init__(self, cfg: ModelConfig, device: torch.device, data: Optional[DataConfig] = None):
+        # With model.teacher_embeddings: the live teacher on a stored set's augmentations.
+        self.embeddings, _ = _embedding_sets(cfg, data)
         model, self.spec = build_teacher(cfg.teacher, cfg.teacher_pretrained, cfg.teacher_dtype)
         self.model = model.to(device)
 
@@ -60,10 +106,54 @@ class LiveTeacher(TeacherSource):
                                for mb in micro_batches])
 
 
-TEACHER_SOURCES: dict[str, type[TeacherSource]] = {LiveTeacher.kind: LiveTeacher}
+class StoredTeacher(TeacherSource):
+    """Teacher embeddings read from the shards' embedding set (clip-data embed): no model is
+    built or loaded. The loader joins each sample's stored embeddings of the very augmentation
+    and caption the student sees; `outputs` returns them (re-normalised in fp32: bf16/fp16 sets
+    are only nearly unit-norm), one dict per teacher for an ensemble, each with its logit scale
+    (model.teacher_logit_scale / model.ensemble[i].logit_scale, else the teacher's own)."""
+
+    kind = "shards"
+
+    def __init__(self, cfg: ModelConfig, device: torch.device, data: Optional[DataConfig] = None):
+        self.embeddings, info = _embedding_sets(cfg, data)
+        self.teachers = info["teachers"]
+        self.scales = [stored["logit_scale"] if scale is None else scale
+                       for stored, (_, _, scale) in zip(self.teachers, _config_teachers(cfg))]
+        self.device = device
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.teachers[0]["embed_dim"])
+
+    @property
+    def tokenizer(self) -> Optional[TextTokenizer]:
+        return None  # the captions' embeddings are stored
+
+    @property
+    def preprocess_cfg(self) -> Optional[dict]:
+        return None  # no teacher view: the stored crop's embedding is read instead
+
+    @torch.no_grad()
+    def outputs(self, micro_batches: list[dict]) -> dict[str, torch.Tensor]:
+        members = []
+        for t, scale in enumerate(self.scales):
+            joined = {kind: F.normalize(torch.cat([mb[f"stored_{kind}.{t}"] for mb in micro_batches])
+                                        .to(self.device, torch.float32), dim=-1)
+                      for kind in ("image", "text")}
+            members.append({"image_features": joined["image"], "text_features": joined["text"],
+                            "logit_scale": torch.tensor(float(scale), device=self.device)})
+        return members[0] if len(members) == 1 else {"ensemble": members}
 
 
-def build_teacher_source(cfg: ModelConfig, device: torch.device) -> Optional[TeacherSource]:
+TEACHER_SOURCES: dict[str, type[TeacherSource]] = {LiveTeacher.kind: LiveTeacher,
+                                                   StoredTeacher.kind: StoredTeacher}
+
+
+def build_teacher_source(cfg: ModelConfig, device: torch.device,
+                         data: Optional[DataConfig] = None) -> Optional[TeacherSource]:
+    """The config's teacher source; `data` (the run's data section) is needed when the run
+    reads an embedding set (model.teacher_embeddings), to check it covers the shards."""
     if cfg.teacher is None:
         return None
-    return TEACHER_SOURCES["live"](cfg, device)
+    return TEACHER_SOURCES[cfg.teacher_source](cfg, device, data)

@@ -90,7 +90,7 @@ class Trainer:
         self.device = torch.device(self.dist.device)
         seed_everything(cfg.seed)  # same student init on every rank
         student = self.build_student()
-        self.teacher = build_teacher_source(cfg.model, self.device)
+        self.teacher = build_teacher_source(cfg.model, self.device, cfg.data)
         self.task = self.build_task(student)
         self.loss_fn = DistillationLoss.from_config(cfg.loss)
         self.train_state, self.data_position = TrainState(), DataPosition()
@@ -178,7 +178,8 @@ class Trainer:
             tokenizer=student_tokenizer, teacher_tokenizer=teacher_tokenizer,
             rank=self.dist.rank, world_size=self.dist.world_size, epoch=epoch,
             skip_batches=skip_batches, accum=self.cfg.optim.grad_accum_steps, lanes=self.lanes,
-            stream=self.data_position.stream if epoch == self.data_position.epoch else "")
+            stream=self.data_position.stream if epoch == self.data_position.epoch else "",
+            embeddings=teacher.embeddings if teacher is not None else None)
 
     @property
     def samples_per_step(self) -> int:

@@ -33,6 +33,7 @@ from .config import DataConfig
 from .order import SequenceReader
 from .plan import EpochPlan, plan_exact, plan_resampled
 from .samples import CorruptDataError, Sample, SampleAccount, check_sample, decode_image, read_shard
+from .sidecar import EmbeddingSets, SidecarJoin, pick
 from .sources import (DataError, ReadPolicy, Source, configure_reads, parse_sources, read_ahead,
                       read_retries)
 from .views import PairedViews, ViewSpec
@@ -53,11 +54,14 @@ class _TrainStream(IterableDataset):
 
     def __init__(self, cfg: DataConfig, sources: list[Source], plan: EpochPlan, views: PairedViews,
                  tokenizer: Callable, teacher_tokenizer: Callable | None, *, seed: int, rank: int,
-                 epoch: int, skip_batches: int, stream: str = ""):
+                 epoch: int, skip_batches: int, stream: str = "",
+                 embeddings: EmbeddingSets | None = None):
         self.cfg, self.sources, self.plan, self.views = cfg, sources, plan, views
         self.tokenizer, self.teacher_tokenizer = tokenizer, teacher_tokenizer
         self.seed, self.rank, self.epoch, self.skip_batches = seed, rank, epoch, skip_batches
         self.stream = stream  # resampled: seeds the draws (a new world size draws anew)
+        self.embeddings = embeddings
+        self._join = None  # per worker: the sidecar shards being read (SidecarJoin)
         self._repeated, self._reserve = 0, []
 
     def __iter__(self) -> Iterator[dict]:
@@ -108,7 +112,7 @@ class _TrainStream(IterableDataset):
                 continue
             account.ok(url)
             rng = random.Random(f"sample:{self.seed}:{self.epoch}:{position}")
-            items.append(self._prepare(sample, rng, account))
+            items.append(self._prepare(self._join_stored(sample), rng, account))
         usable = [item for item in items if item is not None] or self._reserve
         if not usable:
             raise DataError(f"data.train: no usable sample in batch {index} of rank {self.rank} "
@@ -174,30 +178,57 @@ class _TrainStream(IterableDataset):
                 raise DataError(f"data.train: {empty_draws} shards in a row gave no sample (last {url}) "
                                 f"in source {source.spec!r}")
 
-    @staticmethod
-    def _checked(raw_samples: Iterator[dict], account: SampleAccount) -> Iterator[Sample]:
+    def _checked(self, raw_samples: Iterator[dict], account: SampleAccount) -> Iterator[Sample]:
+        """Usable samples, joined with their stored teacher embeddings (when the run reads them)."""
         for raw in raw_samples:
             sample = check_sample(raw)
             if isinstance(sample, str):
                 account.skip(sample, raw["__url__"])
                 continue
             account.ok(raw["__url__"])
-            yield sample
+            yield self._join_stored(sample)
+
+    def _join_stored(self, sample: Sample) -> Sample:
+        """`sample` with its stored teacher embeddings when the run reads them (sidecar.py)."""
+        if self.embeddings is not None:
+            if self._join is None:
+                self._join = SidecarJoin(self.embeddings)
+            sample.stored = self._join.lookup(sample.url, sample.key)
+        return sample
 
     def _prepare(self, sample: Sample, rng: random.Random, account: SampleAccount):
-        """(key, url, caption, crop), or None if the pixels do not decode."""
+        """(key, url, caption, crop, stored), or None if the pixels do not decode. `stored`:
+        None, or the teachers' stored (image, text) embeddings of this very crop and caption."""
         try:
             image = decode_image(sample)
         except (OSError, ValueError) as exn:
             log.debug("undecodable image %s in %s: %s", sample.key, sample.url, exn)
             account.skip("undecodable_image", sample.url, already_read=True)
             return None
-        caption = rng.choice(sample.captions)
-        return sample.key, sample.url, caption, self.views.crop(image, rng)
+        if self.embeddings is None:
+            caption = rng.choice(sample.captions)
+            return sample.key, sample.url, caption, self.views.crop(image, rng), None
+        box, caption, stored = self._stored_choice(sample, rng)
+        return sample.key, sample.url, caption, self.views.crop_at(image, box), stored
+
+    def _stored_choice(self, sample: Sample, rng: random.Random) -> tuple[tuple, str, tuple]:
+        """One of the sample's stored augmentations and one of its captions, drawn by the
+        sample's own RNG (so a resumed run draws the same): (crop box, caption, embeddings)."""
+        info = self.embeddings.info(sample.url)
+        where = f"sample {sample.key} of {sample.url}"
+        if sample.stored is None:
+            raise DataError(f"{where}: no stored embeddings in {self.embeddings.name}/ "
+                            f"(rerun clip-data embed on these shards)")
+        augmentation = rng.randrange(info["augmentations"])
+        caption = rng.randrange(len(sample.captions))
+        box, images, texts = pick(sample.stored, len(sample.captions), info["dtype"],
+                                  len(info["teachers"]), augmentation, caption, where)
+        return box, sample.captions[caption], (images, texts)
 
     def _collate(self, items: list[tuple]) -> dict:
-        """The batch without the views that equal another one (ALIASED_KEYS): those travel once."""
-        keys, urls, captions, crops = zip(*items)
+        """The batch without the views that equal another one (ALIASED_KEYS): those travel once.
+        Stored embeddings travel as `stored_image.T` / `stored_text.T` [B, D_T] per teacher T."""
+        keys, urls, captions, crops, stored = zip(*items)
         captions = list(captions)
         image, teacher_image = self.views.batch_views(torch.stack(crops))
         batch = {"image": image, "text": self.tokenizer(captions),
@@ -206,6 +237,10 @@ class _TrainStream(IterableDataset):
             batch["teacher_image"] = teacher_image  # None without a teacher
         if self.teacher_tokenizer is not None:
             batch["teacher_text"] = self.teacher_tokenizer(captions)
+        if stored[0] is not None:
+            for t in range(len(stored[0][0])):
+                batch[f"stored_image.{t}"] = torch.stack([images[t] for images, _ in stored])
+                batch[f"stored_text.{t}"] = torch.stack([texts[t] for _, texts in stored])
         return batch
 
 
@@ -279,7 +314,8 @@ def build_train_loader(cfg: DataConfig, *, seed: int, student_preprocess: dict,
                        teacher_preprocess: dict | None, tokenizer: Callable,
                        teacher_tokenizer: Callable | None = None, rank: int, world_size: int,
                        epoch: int, skip_batches: int = 0, accum: int = 1,
-                       lanes: int | None = None, stream: str = "") -> TrainLoader:
+                       lanes: int | None = None, stream: str = "",
+                       embeddings: EmbeddingSets | None = None) -> TrainLoader:
     """The loader of one rank for one epoch; cheap to build (reads only sizes.json files), so the
     trainer builds one per epoch.
 
@@ -289,8 +325,10 @@ def build_train_loader(cfg: DataConfig, *, seed: int, student_preprocess: dict,
     workers. `accum` micro-batches per optimizer step: with `world_size`, they make the global
     batch; `lanes` (default world_size x accum) shapes the exact epoch's global order, which a
     resumed run keeps whatever its world size (order.py); `skip_batches` of this rank's
-    micro-batches were trained already. `stream` seeds resampled draws. Raises DataError (one
-    line) for bad sources, shards or arguments."""
+    micro-batches were trained already. `stream` seeds resampled draws. `embeddings`: the
+    teacher embedding set whose stored crops and captions the views use
+    (batch["stored_image.T"] / ["stored_text.T"] per teacher T; sidecar.py). Raises DataError
+    (one line) for bad sources, shards or arguments."""
     if not 0 <= rank < world_size:
         raise DataError(f"rank {rank} is outside world_size {world_size}")
     if skip_batches < 0:
@@ -311,5 +349,6 @@ def build_train_loader(cfg: DataConfig, *, seed: int, student_preprocess: dict,
                         ViewSpec.from_preprocess(teacher_preprocess, "teacher_preprocess")
                         if teacher_preprocess is not None else None)
     dataset = _TrainStream(cfg, sources, plan, views, tokenizer, teacher_tokenizer, seed=seed,
-                           rank=rank, epoch=epoch, skip_batches=skip_batches, stream=stream)
+                           rank=rank, epoch=epoch, skip_batches=skip_batches, stream=stream,
+                           embeddings=embeddings)
     return TrainLoader(dataset, plan, cfg, skip_batches)

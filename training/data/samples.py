@@ -38,6 +38,7 @@ class Sample:
     image: bytes
     captions: list[str]
     label: int | None = None
+    stored: dict | None = None  # its stored teacher embeddings' members (sidecar.py), if read
 
 
 def read_shard(url: str, account: "SampleAccount | None" = None) -> Iterator[dict]:

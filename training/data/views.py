@@ -96,7 +96,15 @@ class PairedViews:
         self.crop_interpolation = full.interpolation_mode
 
     def crop(self, image: PIL.Image.Image, rng: random.Random) -> torch.Tensor:
-        top, left, h, w = crop_box(image.width, image.height, rng)
+        return self.crop_at(image, crop_box(image.width, image.height, rng))
+
+    def crop_at(self, image: PIL.Image.Image, box: tuple[int, int, int, int]) -> torch.Tensor:
+        """The crop `box` (top, left, height, width) of `image`: a drawn one, or one stored with
+        teacher embeddings (clip-data embed), re-applied."""
+        top, left, h, w = box
+        if not (0 <= top and 0 <= left and 0 < h and 0 < w and top + h <= image.height
+                and left + w <= image.width):
+            raise DataError(f"crop box {box} lies outside the {image.width}x{image.height} image")
         crop = TF.resized_crop(image, top, left, h, w, list(self.crop_size),
                                interpolation=self.crop_interpolation, antialias=True)
         return TF.pil_to_tensor(crop)
