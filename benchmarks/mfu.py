@@ -38,6 +38,7 @@ from training.data import DataConfig, build_train_loader  # noqa: E402
 from training.evaluation.cost import count_flops  # noqa: E402
 from training.evaluation.features import autocast  # noqa: E402
 from training.losses import DistillationLoss  # noqa: E402
+from training.specs import build_student, build_teacher  # noqa: E402
 
 
 @dataclass
@@ -113,7 +114,7 @@ class Step:
 
     def next_batch(self) -> dict:
         batch = next(self.batches)
-        return {k: batch[k].to(self.device) for k in ("image", "teacher_image", "text")}
+        return {k: batch[k].to(self.device) for k in ("image", "teacher_image", "text", "teacher_text")}
 
     def forward_backward(self, batch: dict) -> None:
         """Everything the FLOP counter sees: teacher forward, student forward + loss, backward."""

@@ -31,7 +31,9 @@ MANIFEST = "manifest.json"  # RUN_DIR/checkpoints/<tag>/manifest.json: every fil
 # DeepSpeed pickles into its optimizer files. Loading anything else is refused (it could run code).
 DEEPSPEED_GLOBALS = ("deepspeed.utils.tensor_fragment.fragment_address",
                      "deepspeed.runtime.zero.config.ZeroStageEnum",
-                     "deepspeed.runtime.fp16.loss_scaler.LossScaler")
+                     "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                     # fp16 (GPU) runs: the dynamic loss scaler's state (seen on an H200)
+                     "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler")
 _TAG_RE = re.compile(r"^step-(\d+)$")
 # DeepSpeed's file holding the module (and, at ZeRO-3, rank 0's share of it).
 MODEL_STATES_FILES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
