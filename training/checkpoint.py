@@ -284,6 +284,7 @@ class CheckpointManager:
         """Restore the engine (weights, optimizer, scheduler) and every part. `universal`: the
         tag was written on another world size at ZeRO 1-3; load DeepSpeed's universal form of
         it (made here, by rank 0, then removed; the engine was built with load_universal)."""
+        weights_only_loads()  # DeepSpeed's own torch.load calls too (ds_to_universal's as well)
         source = tag_dir
         if universal:
             if self.rank == 0:
@@ -291,7 +292,6 @@ class CheckpointManager:
             barrier()
             source = self.universal_dir(tag_dir)
         load_dir, tag = os.path.split(source.rstrip("/"))
-        weights_only_loads()  # DeepSpeed's own torch.load calls too: no code from these files
         path, client_state = engine.load_checkpoint(load_dir, tag=tag)
         if universal:
             barrier()

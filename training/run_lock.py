@@ -5,7 +5,8 @@
 
 The lock is a JSON file created exclusively (O_EXCL) holding the job's token, host, pid and start
 time. The ranks of one job share a token (the SLURM job id, which a requeued job keeps; else
-torchrun's run id; else the pid of a single process), so they all pass. Another job gets one line
+torchrun's run id; else, under another launcher, the rendezvous address; else the pid of a single
+process), so they all pass. Another job gets one line
 naming the holder. A lock whose process is gone (same host, pid not alive: a killed run) is taken
 over with a warning. A holder on another host cannot be checked from here: the message says to
 remove the file if that run is gone.
@@ -31,6 +32,9 @@ def job_token(env: dict | None = None) -> str:
         return f"slurm:{env['SLURM_JOB_ID']}"
     if env.get("TORCHELASTIC_RUN_ID"):
         return f"torchrun:{env['TORCHELASTIC_RUN_ID']}"
+    if env.get("MASTER_ADDR") and env.get("MASTER_PORT") and env.get("WORLD_SIZE", "1") != "1":
+        # another launcher (deepspeed's, mpirun): its ranks share the rendezvous address
+        return f"job:{env['MASTER_ADDR']}:{env['MASTER_PORT']}"
     return f"pid:{os.getpid()}"
 
 

@@ -13,6 +13,7 @@ import torch
 
 from tests.helpers.tokenizers import (small_vocab_size, small_vocab_tokenizer,
                                       write_small_vocab_model)
+from training.checkpoint_files import MANIFEST, manifest_of
 from training.evaluation.cli import main
 from training.evaluation.loading import load_for_eval
 from training.evaluation.periodic import run_periodic_eval
@@ -85,6 +86,11 @@ def test_clip_eval_and_periodic_eval_use_the_students_ids(small_vocab, eval_sets
         run_retrieval(model, sets["val"], batch_size=9, **clip)
 
 
+def write_manifest(tag):
+    """What the trainer writes last into a complete tag: every file's size and sha256."""
+    (tag / MANIFEST).write_text(json.dumps(manifest_of(tag)))
+
+
 def test_run_directory_takes_the_student_spec_from_run_json(small_vocab, tmp_path):
     """A checkpoint tag as the trainer writes it (ZeRO-0: the task module's state, `student.`
     and `heads.` keys; run.json with the resolved config): the student alone, its own tokenizer."""
@@ -98,6 +104,7 @@ def test_run_directory_takes_the_student_spec_from_run_json(small_vocab, tmp_pat
     record = {"config": {"model": {"student": str(small_vocab["config"])}}, "zero_stage": 0,
               "world_size": 1, "step": 3}
     (tag / "run.json").write_text(json.dumps(record))
+    write_manifest(tag)
 
     loaded = load_for_eval(str(tmp_path / "run"))
     assert loaded.source == str(tag) and loaded.name == small_vocab["spec"].name
@@ -108,6 +115,7 @@ def test_run_directory_takes_the_student_spec_from_run_json(small_vocab, tmp_pat
 
     del record["config"]["model"]
     (tag / "run.json").write_text(json.dumps(record))
+    write_manifest(tag)
     with pytest.raises(ValueError, match="names no config.model.student") as err:
         load_for_eval(str(tag))
     assert str(tag) in str(err.value) and "\n" not in str(err.value)

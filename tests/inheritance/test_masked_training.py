@@ -57,7 +57,8 @@ def test_cli_prints_one_line_for_a_bad_mask(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == [
-        f"clip-train: error: {TINY_MASKED}: key model.mask.prune_mode: must be one of "
+        "clip-train: error: override 'model.mask.prune_mode=magic': key model.mask.prune_mode: "
+        "must be one of "
         "('uniform', 'per_layer'), got 'magic'"]
 
 

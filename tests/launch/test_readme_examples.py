@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 import braceexpand
+import torch
+from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -29,9 +31,9 @@ def test_readme_clip_submit_example_renders_a_job_script(tmp_path):
     for path in braceexpand.braceexpand(overrides["data.train"]):  # the files a user has by now
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / path).touch()
-    for key in ("model.student_init", "model.teacher_pretrained"):
+    for key in ("model.student_init", "model.teacher_pretrained"):  # weights files (checked)
         (tmp_path / overrides[key]).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / overrides[key]).touch()
+        save_file({"w": torch.zeros(1)}, str(tmp_path / overrides[key]))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-m", "launch.submit", *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
