@@ -103,10 +103,30 @@ def manifest_of(tag_dir: str | os.PathLike) -> dict:
             for p in _tag_files(tag_dir)}
 
 
+# Tags verified in this process, keyed by every file's (name, size, mtime): finding a run's tag
+# and then reading it (clip-eval, --export, the run's own export) verify once, not twice; a file
+# written since changes its key and is verified again.
+_VERIFIED: set[tuple] = set()
+
+
+def _signature(tag_dir: Path) -> tuple:
+    stats = [(str(p.relative_to(tag_dir)), p.stat()) for p in tag_dir.rglob("*") if p.is_file()]
+    return (str(tag_dir.resolve()),) + tuple(sorted((n, s.st_size, s.st_mtime_ns) for n, s in stats))
+
+
 def verify_tag(tag_dir: str | os.PathLike) -> None:
     """ValueError in one line unless the tag is complete: its manifest lists exactly its files
-    with their sizes and checksums, and every torch file in it loads weights_only."""
+    with their sizes and checksums, and every torch file in it loads weights_only (hashing every
+    file: done once per process for unchanged files)."""
     tag_dir = Path(tag_dir)
+    signature = _signature(tag_dir) if tag_dir.is_dir() else None
+    if signature in _VERIFIED:
+        return
+    _verify(tag_dir)
+    _VERIFIED.add(signature)
+
+
+def _verify(tag_dir: Path) -> None:
     path = tag_dir / MANIFEST
     try:
         manifest = json.loads(path.read_text())

@@ -148,3 +148,21 @@ def test_resume_refuses_a_checkpoint_without_run_record(tmp_path):
     make_tags(tmp_path, [2])  # an older format: no run.json
     with pytest.raises(ValueError, match="no run.json"):
         check_resume(str(tmp_path / "checkpoints" / tag_for_step(2)), {}, world_size=1)
+
+
+def test_a_tag_is_hashed_once_per_process_and_a_changed_file_is_caught(tmp_path, monkeypatch):
+    import json
+    import training.checkpoint_files as files
+    tag = tmp_path / "step-00000002"
+    tag.mkdir()
+    (tag / "weights.bin").write_bytes(b"12345678")
+    (tag / files.MANIFEST).write_text(json.dumps(files.manifest_of(tag)))
+    hashed = []
+    real = files._sha256
+    monkeypatch.setattr(files, "_sha256", lambda p: (hashed.append(p), real(p))[1])
+    files.verify_tag(tag)
+    files.verify_tag(tag)  # e.g. find_tag_dir, then read_module_state
+    assert len(hashed) == 1
+    (tag / "weights.bin").write_bytes(b"87654321")  # same size, other bytes
+    with pytest.raises(ValueError, match="corrupt checkpoint file"):
+        files.verify_tag(tag)
