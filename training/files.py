@@ -37,7 +37,15 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
 
 
 def _umask() -> int:
-    """The process umask (reading it means setting it: set it straight back)."""
+    """The process umask. Read from /proc where there is one: the portable way (set it, then set
+    it back) changes it for a moment under the other threads (read-ahead, loader workers' files)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
