@@ -60,12 +60,13 @@ def _file_digest(path: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()[:16]
 
 
-def open_clip_tokenizer(model_name: str, text_cfg: dict, base_dir: Path | None = None
-                        ) -> TextTokenizer:
+def open_clip_tokenizer(model_name: str, text_cfg: dict, base_dir: Path | None = None,
+                        context_length: int | None = None) -> TextTokenizer:
     """open_clip's tokenizer for a model config (open_clip.get_tokenizer's rules), described.
 
     A relative `text_cfg.tokenizer_kwargs.bpe_path` (a vocabulary of one's own) is resolved
     against `base_dir`, the folder of the config that names it, not the working directory.
+    `open_clip_tokenizer("", {}, context_length=32)` is the default CLIP BPE at 32 tokens.
     """
     kwargs = dict(text_cfg.get("tokenizer_kwargs") or {})
     if kwargs.get("bpe_path") and base_dir is not None and not os.path.isabs(kwargs["bpe_path"]):
@@ -73,7 +74,7 @@ def open_clip_tokenizer(model_name: str, text_cfg: dict, base_dir: Path | None =
     if kwargs.get("bpe_path") and not os.path.isfile(kwargs["bpe_path"]):
         raise ValueError(f"model {model_name}: text_cfg.tokenizer_kwargs.bpe_path "
                          f"{kwargs['bpe_path']} not found")
-    tokenizer = open_clip.get_tokenizer(model_name, **kwargs)
+    tokenizer = open_clip.get_tokenizer(model_name, context_length=context_length, **kwargs)
     context = int(getattr(tokenizer, "context_length", None)
                   or text_cfg.get("context_length", 77))
     if isinstance(tokenizer, open_clip.SimpleTokenizer):
@@ -219,10 +220,29 @@ class OpenClipSpec(ModelSpec):
 SPEC_KINDS: dict[str, type[ModelSpec]] = {OpenClipSpec.kind: OpenClipSpec}
 
 
+def _load_kinds() -> None:
+    """Kinds living in their own packages register themselves in SPEC_KINDS when imported; they
+    import this module, so they are imported here, at first use (training/students: composed
+    two-tower students)."""
+    import training.students.spec  # noqa: F401
+
+
+def export_folder_spec(folder: str | os.PathLike) -> ModelSpec | None:
+    """The spec of a model folder a kind's `export` wrote (recognised by the kind's
+    `export_file`), or None."""
+    _load_kinds()
+    for cls in SPEC_KINDS.values():
+        marker = getattr(cls, "export_file", None)
+        if marker and (Path(folder) / marker).is_file():
+            return cls(str(folder))
+    return None
+
+
 def model_spec(source: str | os.PathLike | ModelSpec) -> ModelSpec:
     """`KIND:REST` -> SPEC_KINDS[KIND](REST); anything else is an open_clip model."""
     if isinstance(source, ModelSpec):
         return source
+    _load_kinds()
     source = str(source)
     kind, sep, rest = source.partition(":")
     if sep and kind in SPEC_KINDS:

@@ -2,6 +2,8 @@
 
 `checkpoint` may be:
 - an exported open_clip folder (open_clip_config.json + weights): the spec `local-dir:DIR`;
+- another kind's export folder (e.g. a two-tower student's student.json + weights,
+  training/students/spec.py): that kind's spec, which loads the weights itself;
 - a training run directory (RUN_DIR/checkpoints/latest names a DeepSpeed tag) or one tag
   folder RUN_DIR/checkpoints/<tag>: the model spec comes from the tag's run.json
   (`config.model.student`) unless `model` is given; the weights are the student's part of the
@@ -25,7 +27,7 @@ from training.checkpoint_files import (NotACheckpoint, find_tag_dir, read_module
                                        read_run_record)
 from training.models import (EXPORT_CONFIG_FILE, STATE_DICT_SUFFIXES, load_state_dict_file,
                              load_strict)
-from training.specs import ModelSpec, model_spec
+from training.specs import ModelSpec, export_folder_spec, model_spec
 from training.task import DistillationTask
 
 
@@ -45,6 +47,8 @@ def load_for_eval(checkpoint: str | None, model: str | None = None, device: str 
         raise ValueError(f"checkpoint {path} not found")
     if path is not None and path.is_dir() and (path / EXPORT_CONFIG_FILE).is_file():
         return _finish(model_spec(f"local-dir:{path}"), None, str(path), device)
+    if path is not None and path.is_dir() and (spec := export_folder_spec(path)) is not None:
+        return _finish(spec, None, str(path), device)  # another kind's export (weights inside)
     if path is not None and path.is_dir():
         try:
             tag_dir = find_tag_dir(path)

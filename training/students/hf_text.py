@@ -1,0 +1,40 @@
+"""A BERT text tower built with Hugging Face transformers from a local config (no hub access).
+
+    tower = BertTower({"hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12,
+                       "intermediate_size": 1536}, vocab_size=30522, context_length=77)
+    tokens, mask = tower(ids, pad_id)    # [B, L, 384], [B, L]
+
+The config is `transformers.BertConfig`'s keys (MiniLM-L6-H384 is BERT with 6 layers, 384 wide,
+12 heads), written in the model JSON: nothing is read from the hub. `vocab_size` and
+`max_position_embeddings` follow the tokenizer (its vocabulary and context length) unless the
+JSON sets them. Weights are random, or come from a state dict (`model.student_init`, an export).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class BertTower(nn.Module):
+    def __init__(self, config: dict, vocab_size: int, context_length: int):
+        super().__init__()
+        from transformers import BertConfig, BertModel
+        settings = {"vocab_size": vocab_size, "max_position_embeddings": context_length,
+                    **config}
+        if settings["vocab_size"] < vocab_size:
+            raise ValueError(f"text.config.vocab_size {settings['vocab_size']} is smaller than "
+                             f"the tokenizer's {vocab_size} ids")
+        self.bert = BertModel(BertConfig(**settings), add_pooling_layer=False)
+        self.out_dim = int(self.bert.config.hidden_size)
+        self.context_length = context_length
+
+    def forward(self, ids: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = ids != pad_id
+        tokens = self.bert(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        return tokens, mask
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        if enable:
+            self.bert.gradient_checkpointing_enable()
+        else:
+            self.bert.gradient_checkpointing_disable()
