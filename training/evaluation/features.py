@@ -66,13 +66,17 @@ def autocast(device: torch.device | str, precision: str):
 
 def encode_texts(model, tokenizer: Callable, texts: list[str], device, precision: str = "fp32",
                  batch_size: int = 256) -> torch.Tensor:
-    """Normalised fp32 CPU features of `texts`, encoded `batch_size` at a time."""
+    """Normalised fp32 CPU features of `texts`, encoded `batch_size` at a time, in eval mode
+    (a zero-shot classifier built during training must not see dropout)."""
     model = unwrap_model(model)
+    was_training = model.training
+    model.eval()
     chunks = []
     with torch.no_grad(), autocast(device, precision):
         for start in range(0, len(texts), batch_size):
             tokens = tokenizer(texts[start:start + batch_size]).to(device)
             chunks.append(model.encode_text(tokens, normalize=True).float().cpu())
+    model.train(was_training)
     if not chunks:
         return torch.empty(0, 0)
     return torch.cat(chunks)
