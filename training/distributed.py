@@ -210,6 +210,19 @@ def all_reduce_flag(flag: bool) -> bool:
     return bool(value.item())
 
 
+def broadcast_running_stats(module: torch.nn.Module) -> None:
+    """Give every rank rank 0's normalisation running statistics (BatchNorm's running mean and
+    variance), as DDP's broadcast_buffers does: each rank updates them from its own batch, so
+    without this the ranks would evaluate (and a checkpoint would keep rank 0's) different
+    models. A no-op without a process group or without such layers."""
+    if not is_distributed():
+        return
+    for norm in module.modules():
+        if isinstance(norm, torch.nn.modules.batchnorm._NormBase):
+            for buffer in norm.buffers(recurse=False):
+                dist.broadcast(buffer, src=0)
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

@@ -40,7 +40,8 @@ from training.checkpoint import (CheckpointManager, DataPosition, RngStates, Tra
 from training.config import TrainConfig, save_config, to_dict
 from training.data import build_train_loader
 from training.data.sources import parse_sources
-from training.distributed import all_reduce_flag, barrier, init_distributed, rank_info_from_env
+from training.distributed import (all_reduce_flag, barrier, broadcast_running_stats,
+                                  init_distributed, rank_info_from_env)
 from training.engine import build_engine, deepspeed_config
 from training.export import export_checkpoint
 from training.files import write_json_atomic
@@ -259,6 +260,7 @@ class Trainer:
                 loss = loss + sum(regularization.values())
             self.engine.backward(loss, scale_wrt_gas=False)  # each pass is the full-batch loss
             self.engine.step()
+        broadcast_running_stats(self.task)  # BatchNorm students: one model on every rank
         losses.update({f"loss_{name}": value for name, value in regularization.items()})
         losses.update(self.task.metrics(self.train_state.step))
         losses.update(self.loss_fn.scales_used(student, teacher))
