@@ -20,6 +20,7 @@ class BertTower(nn.Module):
         super().__init__()
         from transformers import BertConfig, BertModel
         settings = {"vocab_size": vocab_size, "max_position_embeddings": context_length,
+                    "use_cache": False,  # an encoder: no key/value cache
                     **config}
         if settings["vocab_size"] < vocab_size:
             raise ValueError(f"text.config.vocab_size {settings['vocab_size']} is smaller than "
@@ -35,6 +36,6 @@ class BertTower(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         if enable:
-            self.bert.gradient_checkpointing_enable()
+            self.bert.activation_checkpointing_enable()  # transformers 5's name
         else:
-            self.bert.gradient_checkpointing_disable()
+            self.bert.activation_checkpointing_disable()
