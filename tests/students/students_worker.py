@@ -5,7 +5,8 @@ For each tiny recipe (configs/*-tiny.yaml of issue 11), at its ZeRO stage:
              zero-shot) at the end, export at the end;
   resumed:   a new run folder holding only the reference's step-2 checkpoint (what a run
              stopped after step 2 leaves), resumed to STEPS (no evaluation, no export).
-The test reads metrics.jsonl, the checkpoints and the exports.
+Each rank also saves its normalisation running statistics after the reference run. The test reads
+metrics.jsonl, the checkpoints, the exports and those statistics.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import argparse
 import shutil
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from tests.helpers.trainer import tiny_overrides
@@ -39,7 +41,10 @@ def main() -> None:
     args = parser.parse_args()
     for name in args.students:
         recipe = f"configs/{name}.yaml"
-        Trainer(load_config(recipe, overrides(args, name, "reference"))).train()
+        reference = Trainer(load_config(recipe, overrides(args, name, "reference")))
+        reference.train()
+        torch.save({key: value for key, value in reference.task.named_buffers()
+                    if "running_" in key}, Path(args.out) / name / f"stats-{dist.get_rank()}.pt")
         if dist.get_rank() == 0:
             tag = "step-00000002"
             source, target = (Path(args.out) / name / run / "checkpoints"

@@ -66,6 +66,18 @@ def test_resumed_run_repeats_the_uninterrupted_losses(world, name):
 
 
 @pytest.mark.parametrize("name", STUDENTS)
+def test_ranks_hold_the_same_running_statistics(world, name):
+    """Every student here has BatchNorm (MobileNetV3, TinyViT's conv stages, CSPDarknet): each
+    rank updates it from its own batch, and the trainer gives all ranks rank 0's statistics."""
+    stats = [torch.load(world["out"] / name / f"stats-{rank}.pt") for rank in range(2)]
+    means = [key for key in stats[0] if key.endswith("running_mean")]
+    assert means and stats[0].keys() == stats[1].keys()
+    assert any(stats[0][key].abs().sum() > 0 for key in means)  # trained, not the initial zeros
+    for key in stats[0]:
+        assert torch.equal(stats[0][key], stats[1][key]), key
+
+
+@pytest.mark.parametrize("name", STUDENTS)
 def test_export_reloads_strictly_with_the_checkpoints_outputs(world, name):
     run_dir = world["out"] / name / "reference"
     export = run_dir / "export"
