@@ -33,14 +33,15 @@ import torch
 import torch.distributed as dist
 
 from training import models
-from training.accumulation import feature_cached_passes
+from training.accumulation import feature_cached_passes, running_stat_buffers
 from training.checkpoint import (CheckpointManager, DataPosition, RngStates, TrainState,
                                  check_resume, check_total_steps, resolve_resume,
                                  resume_accumulation, tag_for_step)
 from training.config import TrainConfig, save_config, to_dict
 from training.data import build_train_loader
 from training.data.sources import parse_sources
-from training.distributed import all_reduce_flag, barrier, init_distributed, rank_info_from_env
+from training.distributed import (all_reduce_flag, average_across_ranks, barrier,
+                                  init_distributed, rank_info_from_env)
 from training.engine import build_engine, deepspeed_config
 from training.export import export_checkpoint
 from training.files import write_json_atomic
@@ -269,6 +270,9 @@ class Trainer:
                 loss = loss + sum(regularization.values())
             self.engine.backward(loss, scale_wrt_gas=False)  # each pass is the full-batch loss
             self.engine.step()
+        # BatchNorm's running statistics: each rank saw its own micro-batches; keep one model
+        # (evaluation splits a set over ranks, the export is rank 0's): their mean over ranks.
+        average_across_ranks(running_stat_buffers(self.task))
         losses.update({f"loss_{name}": value for name, value in regularization.items()})
         losses.update(self.task.metrics(self.train_state.step))
         losses.update(self.loss_fn.scales_used(student, teacher))
