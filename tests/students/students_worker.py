@@ -11,7 +11,6 @@ Each rank writes OUT/rank<r>.json; the tests read those and the run folders.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from tests.helpers.torchrun import worker_args
 from tests.helpers.trainer import tiny_overrides
 from training.config import load_config
 from training.trainer import Trainer
@@ -64,11 +64,7 @@ def overrides(args, run: str, steps: int = STEPS) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    for name in ("shards", "zeroshot", "val", "teacher", "out"):
-        parser.add_argument(f"--{name}", required=True)
-    args = parser.parse_args()
-    rank = int(os.environ["RANK"])
+    args, out, rank = worker_args("shards", "zeroshot", "val", "teacher")
     results = {}
 
     full = CountingTrainer(load_config(RECIPE, overrides(args, "full") + [
@@ -96,7 +92,7 @@ def main() -> None:
         "deepspeed.zero_stage=3", "model.fusion=null", "loss.fusion_weight=0",
         "optim.param_groups=[]"]))
     results["zero3"] = {"finished": zero3.train()}
-    (Path(args.out) / f"rank{rank}.json").write_text(json.dumps(results, indent=1))
+    (out / f"rank{rank}.json").write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

@@ -13,17 +13,14 @@ Writes OUT/rank<r>.json: relative gradient differences and buffer differences.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
-import os
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from tests.helpers.trainer import TINY_DISTILL, tiny_overrides
+from tests.helpers.torchrun import worker_args
+from tests.helpers.trainer import TINY_DISTILL, optimizer_gradients, tiny_overrides
 from training import accumulation
 from training.accumulation import concat_outputs, running_stat_buffers
 from training.config import load_config
@@ -40,20 +37,9 @@ STUDENT = {"embed_dim": 64,
 
 
 def named_grads(trainer: Trainer, micro_batches: list[dict]) -> dict[str, torch.Tensor]:
-    """The gradients the optimizer sees at the trainer's next step, by parameter name."""
+    """The gradients the optimizer sees at the trainer's next step (ZeRO-0), by parameter name."""
     names = {id(p): n for n, p in trainer.task.named_parameters()}
-    grads = {}
-
-    def capture(optimizer, _args, _kwargs):
-        grads.update({names[id(p)]: p.grad.detach().clone() for group in optimizer.param_groups
-                      for p in group["params"] if p.grad is not None})
-
-    handle = register_optimizer_step_pre_hook(capture)
-    try:
-        trainer.train_step(micro_batches)
-    finally:
-        handle.remove()
-    return grads
+    return {names[id(p)]: grad for p, grad in optimizer_gradients(trainer, micro_batches)}
 
 
 def reference_grads(task, trainer: Trainer, micro_batches: list[dict]) -> dict:
@@ -81,11 +67,7 @@ def buffer_difference(a: list, b: list) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--shards", required=True)
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args()
-    out, rank = Path(args.out), int(os.environ["RANK"])
+    args, out, rank = worker_args("shards")
     student = out / "BN-Dropout-Student.json"
     write_json_atomic(student, STUDENT)  # every rank the same bytes, each write atomic
     results = {}
