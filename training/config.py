@@ -142,9 +142,12 @@ class ModelConfig:
             self.fusion.validate()
         self._validate_teacher_source()
         if self.student.startswith("lit:"):  # training/specs.py LitSpec
-            _require(self.teacher is not None and self.teacher_pretrained is not None,
+            _require(self.teacher is not None, "model.teacher",
+                     f"required with model.student={self.student} (its frozen text tower is "
+                     f"the teacher's)")
+            _require(self.teacher_source == "live" or self.teacher_pretrained is not None,
                      "model.teacher_pretrained", f"required with model.student={self.student} "
-                     f"(its frozen text tower is the teacher's: weights to copy)")
+                     f"and stored embeddings (the frozen text tower's weights)")
             _require(self.mask is None, "model.mask", "not supported with a lit: student")
             _require(not self.ensemble, "model.ensemble",
                      "not supported with a lit: student (its text features are one teacher's)")

@@ -119,7 +119,7 @@ class DistillationTask(nn.Module):
         groups, then decay (matrices) and no decay (gains, biases, norms, logit scale), both on
         the model's schedule. `named`: groups with their own rate, each {"name", "names" (the
         parameter names it takes), "lr" (None: the optimizer's), "weight_decay" (None: the
-        default)}, split into "<name>" (decay) and "<name>.no_decay", empty halves left out."""
+        default)}, split into "<name>" (decay) and "<name>.no_decay". Empty groups are left out."""
         own = [group for hooks in self._hooks() for group in hooks.extra_param_groups()]
         taken = {id(p) for group in own for p in group["params"]}
         params = dict(self.named_parameters())
@@ -140,12 +140,11 @@ class DistillationTask(nn.Module):
             rate = {} if spec.get("lr") is None else {"lr": spec["lr"]}
             decay_rate = weight_decay if spec.get("weight_decay") is None else spec["weight_decay"]
             decay, no_decay = split[spec["name"]]
-            groups += [group for group in (
-                {"name": spec["name"], "params": decay, "weight_decay": decay_rate,
-                 "schedule": "model", **rate},
-                {"name": f"{spec['name']}.no_decay", "params": no_decay, "weight_decay": 0.0,
-                 "schedule": "model", **rate}) if group["params"]]
-        return [*groups, *own]
+            groups += [{"name": spec["name"], "params": decay, "weight_decay": decay_rate,
+                        "schedule": "model", **rate},
+                       {"name": f"{spec['name']}.no_decay", "params": no_decay,
+                        "weight_decay": 0.0, "schedule": "model", **rate}]
+        return [group for group in groups if group["params"]] + own  # DeepSpeed: none empty
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Activation checkpointing of the student's towers (open_clip's switch)."""

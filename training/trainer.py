@@ -93,6 +93,8 @@ class Trainer:
         seed_everything(cfg.seed)  # same student init on every rank
         student = self.build_student()
         self.teacher = build_teacher_source(cfg.model, self.device, cfg.data)
+        if self.student_spec.text_from_teacher:
+            self.lock_text_tower(student)
         self.task = self.build_task(student)
         self.loss_fn = DistillationLoss.from_config(cfg.loss)
         self.train_state, self.data_position = TrainState(), DataPosition()
@@ -152,17 +154,21 @@ class Trainer:
     def build_student(self) -> torch.nn.Module:
         """The student model, or with `model.mask` the same model wrapped in L0 gates."""
         cfg = self.cfg.model
-        if self.student_spec.text_from_teacher:  # LiT: the teacher's text tower, frozen
-            student = build_student(self.student_spec, cfg.student_init)[0]
-            teacher, _ = build_teacher(cfg.teacher, cfg.teacher_pretrained)
-            self.student_spec.freeze_text_tower(student, teacher.state_dict())
-            return student
         if cfg.mask is None:
             return build_student(self.student_spec, cfg.student_init)[0]
         from training.inheritance.masked_clip import build_masked_student
         mask = cfg.mask
         return build_masked_student(cfg.student, cfg.student_init, mask.target_sparsity,
                                     mask.start_sparsity, mask.warmup_steps, lr=mask.lr)
+
+    def lock_text_tower(self, student: torch.nn.Module) -> None:
+        """A LiT student (`lit:`): the teacher's text tower copied in and frozen: the live
+        teacher's very weights, or model.teacher_pretrained's (stored embeddings: no model)."""
+        cfg = self.cfg.model
+        teacher = getattr(self.teacher, "model", None)
+        if teacher is None:
+            teacher = build_teacher(cfg.teacher, cfg.teacher_pretrained)[0]
+        self.student_spec.freeze_text_tower(student, teacher.state_dict())
 
     def build_task(self, student: torch.nn.Module) -> DistillationTask:
         """The student and its trainable heads, as the one module the engine wraps: a feature
@@ -276,7 +282,8 @@ class Trainer:
         losses.update({f"loss_{name}": value for name, value in regularization.items()})
         losses.update(self.task.metrics(self.train_state.step))
         losses.update(self.loss_fn.scales_used(student, teacher))
-        losses["lr"] = torch.tensor(rates["decay"], dtype=torch.float64)
+        losses["lr"] = torch.tensor(rates.get("decay", self.scheduler.get_last_lr()[0]),
+                                    dtype=torch.float64)
         losses.update({f"lr/{group.name}": torch.tensor(rates[group.name], dtype=torch.float64)
                        for group in self.cfg.optim.param_groups if group.name in rates})
         return {k: v.detach() for k, v in losses.items()}

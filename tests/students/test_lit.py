@@ -68,11 +68,17 @@ def test_another_text_tower_is_refused_in_one_line():
     assert "shape mismatch" in str(err.value) and "\n" not in str(err.value)
 
 
-def test_lit_needs_the_teachers_weights(tmp_path):
+def test_lit_needs_a_teacher_and_with_stored_embeddings_its_weights():
+    recipe = str(REPO_ROOT / "configs" / "kdeov-tiny.yaml")
+    common = ["data.train=x", "model.teacher_pretrained=null"]
+    with pytest.raises(ConfigError, match="key model.teacher: required with model.student=lit:"):
+        load_config(recipe, common + ["model.teacher=null", "loss.affinity_weight=0",
+                                      "loss.clip_weight=1", "loss.fusion_weight=0",
+                                      "model.fusion=null"])
     with pytest.raises(ConfigError, match="key model.teacher_pretrained: required with "
-                                          "model.student=lit:"):
-        load_config(str(REPO_ROOT / "configs" / "kdeov-tiny.yaml"),
-                    ["data.train=x", "model.teacher_pretrained=null"])
+                                          "model.student=lit:.* and stored embeddings"):
+        load_config(recipe, common + ["model.teacher_source=shards",
+                                      "model.teacher_embeddings=tiny"])
 
 
 # ---- on 2 ranks (tests/students/students_worker.py) -------------------------------------------
