@@ -21,6 +21,7 @@ import torch
 from tests.helpers.torchrun import worker_args
 from tests.helpers.trainer import tiny_overrides
 from training.config import load_config
+from training.optim import named_param_groups
 from training.trainer import Trainer
 
 RECIPE = str(Path(__file__).resolve().parents[2] / "configs" / "kdeov-tiny.yaml")
@@ -70,9 +71,9 @@ def main() -> None:
     full = CountingTrainer(load_config(RECIPE, overrides(args, "full") + [
         f"eval.zeroshot={args.zeroshot}", f"eval.val={args.val}", "eval.batch_size=16"]))
     results["full"] = {"finished": full.train(), "text_calls": full.calls,
-                       "groups": [{"name": g["name"], "lr": g["lr"], "initial_lr": g["initial_lr"],
-                                   "params": len(g["params"])}
-                                  for g in full.scheduler.optimizer.param_groups]}
+                       "groups": [{"name": g["name"], "lr": g["lr"], "initial_lr": g["initial_lr"]}
+                                  for g in full.scheduler.optimizer.param_groups],
+                       "named": named_param_groups(full.task, full.cfg.optim)}
     student = full.task.student
     teacher = full.teacher.model.state_dict()
     text = [k for k in student.state_dict() if k.startswith(("transformer.", "token_embedding",

@@ -141,7 +141,10 @@ def test_heads_learn_at_their_own_rate_every_step(students):
     groups = {g["name"]: g for g in students["ranks"][0]["full"]["groups"]}
     assert set(groups) == {"decay", "no_decay", "heads", "heads.no_decay"}
     assert groups["heads"]["initial_lr"] == 2e-3 and groups["decay"]["initial_lr"] == 1e-3
-    assert groups["heads"]["params"] >= 3  # FiLM's two layers, its output, the visual projection
+    [heads] = students["ranks"][0]["full"]["named"]
+    assert sorted(heads["names"]) == [  # FiLM's MLP and output, the vision tower's projection
+        f"heads.fusion.{layer}.{kind}" for layer in ("film.0", "film.2", "out")
+        for kind in ("bias", "weight")] + ["student.visual.head.proj.weight"]
 
 
 @pytest.mark.slow
