@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.helpers.trainer import probe_batch, step_losses
-from training.accumulation import with_live_micro_batch
+from training.accumulation import feature_cached_passes
 from training.config import ConfigError, FusionConfig, load_config
 from training.fusion import CrossAttentionFusion, FiLMFusion, build_fusion
 from training.losses import DistillationLoss
@@ -98,11 +98,9 @@ def test_accumulation_with_a_fusion_head_is_exact(kind):
     assert losses["fused_feature"] > 0
     losses["loss"].backward()
     cached_task = fused_task()
-    halves = [(images[i * 4:(i + 1) * 4], texts[i * 4:(i + 1) * 4]) for i in range(2)]
-    with torch.no_grad():
-        cached = [cached_task(*half) for half in halves]
-    for index, half in enumerate(halves):
-        outputs = with_live_micro_batch(cached, cached_task(*half), index)
+    halves = [(images[:4], texts[:4]), (images[4:], texts[4:])]
+    for _, outputs in feature_cached_passes(lambda half: cached_task(*half), halves, cached_task,
+                                            torch.device("cpu")):
         loss_fn(outputs, teacher)["loss"].backward()
     reference = dict(full.named_parameters())
     fusion_grads = 0
