@@ -199,6 +199,21 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(torch.distributed.nn.functional.all_gather(x), dim=0)
 
 
+@torch.no_grad()
+def average_across_ranks(tensors: list[torch.Tensor]) -> None:
+    """In place: each floating-point tensor becomes its mean over the ranks (one all-reduce of
+    them all, flattened). Integer tensors (counters every rank advances alike) are left as they
+    are. No-op in a single process."""
+    tensors = [t for t in tensors if t.is_floating_point()]
+    if not is_distributed() or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1).float() for t in tensors])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for tensor, mean in zip(tensors, flat.split([t.numel() for t in tensors])):
+        tensor.copy_(mean.view_as(tensor))
+
+
 def all_reduce_flag(flag: bool) -> bool:
     """True on every rank if it is True on any rank (e.g. "a preemption signal arrived")."""
     if not is_distributed():
@@ -208,19 +223,6 @@ def all_reduce_flag(flag: bool) -> bool:
     value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
-
-
-def broadcast_running_stats(module: torch.nn.Module) -> None:
-    """Give every rank rank 0's normalisation running statistics (BatchNorm's running mean and
-    variance), as DDP's broadcast_buffers does: each rank updates them from its own batch, so
-    without this the ranks would evaluate (and a checkpoint would keep rank 0's) different
-    models. A no-op without a process group or without such layers."""
-    if not is_distributed():
-        return
-    for norm in module.modules():
-        if isinstance(norm, torch.nn.modules.batchnorm._NormBase):
-            for buffer in norm.buffers(recurse=False):
-                dist.broadcast(buffer, src=0)
 
 
 def barrier() -> None:
