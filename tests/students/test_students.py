@@ -15,9 +15,8 @@ import json
 import pytest
 import torch
 
-from tests.helpers.shards import make_synthetic_shards
-from tests.helpers.torchrun import run_torchrun
 from tests.helpers.trainer import read_metrics, step_losses
+from tests.students.conftest import launch_worker
 from tests.students.towers_worker import STEPS, STUDENTS
 from training import models
 from training.evaluation.cli import main as clip_eval
@@ -29,15 +28,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, teacher_file):
-    """Shards and the shared teacher file (tests/students/conftest.py), one training launch."""
-    root = tmp_path_factory.mktemp("towers")
-    shards = make_synthetic_shards(root / "shards", train=64, val=32, zeroshot=32,
-                                   samples_per_shard=32)
-    out = root / "out"
-    run_torchrun(["tests/students/towers_worker.py", "--shards", shards["train_shards"],
-                  "--val", shards["val"], "--zeroshot", shards["zeroshot"],
-                  "--teacher", teacher_file, "--out", out], nproc=2, timeout=900)
-    return {"out": out, **shards}
+    """Shards, the shared teacher file and one training launch (tests/students/conftest.py)."""
+    return launch_worker("tests/students/towers_worker.py", tmp_path_factory.mktemp("towers"),
+                         teacher_file, train=64, val=32, zeroshot=32)
 
 
 def probe(model, spec) -> dict[str, torch.Tensor]:
