@@ -174,3 +174,26 @@ def test_bad_exports_and_configs_fail_in_one_line(tmp_path):
             model_spec(f"two-tower:{path}").build()
     with pytest.raises(ValueError, match="missing.json not found"):
         model_spec(f"two-tower:{tmp_path / 'missing.json'}")
+
+
+def test_timm_file_into_an_open_clip_students_trunk(tmp_path, capsys):
+    """KDEOV's student is an open_clip config with a timm tower: timm_init writes the whole
+    student's state dict with the timm file's trunk, for model.student_init (strict)."""
+    from safetensors.torch import save_file
+
+    from training.specs import build_student
+    from training.students.timm_init import main as timm_init
+    torch.manual_seed(2)
+    reference = timm.create_model("cs3darknet_s", pretrained=False).eval()
+    save_file(reference.state_dict(), str(tmp_path / "cs3.safetensors"))
+    out = tmp_path / "init.safetensors"
+    assert timm_init(["Tiny-KDEOV-Student", str(tmp_path / "cs3.safetensors"), str(out)]) == 0
+    student, _ = build_student("Tiny-KDEOV-Student", out)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = reference.forward_head(reference.forward_features(images), pre_logits=True)
+        torch.testing.assert_close(student.eval().visual.trunk(images), expected)
+    with pytest.raises(SystemExit) as exit_info:
+        timm_init(["Tiny-ViT-Student", str(tmp_path / "cs3.safetensors"), str(out)])
+    assert exit_info.value.code == 2
+    assert "Tiny-ViT-Student: its vision_cfg has no timm_model_name" in capsys.readouterr().err
