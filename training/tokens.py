@@ -13,10 +13,14 @@ Keys (per-sample [batch, ...] tensors, so feature caching concatenates them like
 - `text_token_features`: every position's final token after ln_final, projected by
   text_projection: [B, context, embed_dim] (not normalised; positions after the end token too).
 
-ZeRO-3 safe: every value is computed inside the model's own forward (a hook on a submodule runs
-while its parent's parameters are gathered: visual.proj inside the visual tower's forward,
-text_projection inside the model's), never by reading parameters outside it. The hooks record
-only inside `recording()`, so a recomputation under activation checkpointing adds nothing.
+ZeRO-3 safe: everything is computed inside the engine-wrapped module's forward. The hooks record
+the blocks' (and ln_post's / ln_final's) outputs as the engine hands them on; the projection of
+the final tokens is the forward of the TokenCapture module itself, a module of the task, so
+DeepSpeed registers visual.proj / text_projection as its external parameters and gathers them
+for its forward and its backward; each value is tied with weight 0 to its tower's embedding
+(`TokenCapture.forward`), so the towers' own parameters are gathered for the backward of a loss
+that reads token outputs only (tested against ZeRO-0 in a real engine). The hooks record only
+inside `recording()`, so a recomputation under activation checkpointing adds nothing.
 Supported towers: open_clip's VisionTransformer (class token; pooled by the class token or the
 mean) and its text transformer (CLIP, or CustomTextCLIP's `text`); others are refused in one
 line when the capture is built.
@@ -84,48 +88,84 @@ def image_grid(model: nn.Module) -> tuple[int, int]:
     return tuple(int(n) for n in model.visual.grid_size)
 
 
-class TokenCapture:
-    """Forward hooks on `model` that record the token-level outputs `keys` (module doc)."""
+class TokenCapture(nn.Module):
+    """Forward hooks on `model` that record the token-level outputs `keys` (module doc).
+
+    A module without parameters or state (nothing in the state dict): the hooks record the
+    blocks' and norms' outputs, and its own forward projects the final tokens into the joint
+    space. Being a module of the task lets DeepSpeed ZeRO-3 see the projection matrices it
+    reads as its external parameters (gathered for its forward and again for its backward).
+    """
 
     def __init__(self, model: nn.Module, keys: Iterable[str], who: str = "model"):
+        super().__init__()
         self.keys = tuple(sorted(set(keys)))
         self._record: dict | None = None
         self._handles = []
-        for key in self.keys:
-            module, transform = self._site(model, key, who)
-            self._handles.append(module.register_forward_hook(partial(self._hook, key, transform)))
+        # (module, key) per key, and the projection of the final tokens per final key; plain
+        # lists and closures, so the model's modules are not registered here a second time.
+        self._sites = [(self._site(model, key, who), key) for key in self.keys]
+        self._projections = {key: self._projection(model, key) for key in self.keys
+                             if key in FINAL_KEYS}
 
     @contextmanager
     def recording(self) -> Iterator[dict[str, torch.Tensor]]:
-        """A dict that the forwards run inside the block fill with the captured keys."""
+        """A dict that the forwards run inside the block fill with the recorded outputs
+        (final tokens before their projection: pass the dict through this module)."""
+        if not self._handles:
+            # Registered at the first forward, so under DeepSpeed after the engine's own hooks:
+            # what is recorded is the output as the engine hands it on (with its backward hooks).
+            self._handles = [module.register_forward_hook(partial(self._hook, key))
+                             for module, key in self._sites]
         self._record = {}
         try:
             yield self._record
         finally:
             self._record = None
 
+    def forward(self, recorded: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]
+                ) -> dict[str, torch.Tensor]:
+        """The recorded outputs with the final tokens projected into the joint space, each tied
+        with weight 0 to its tower's embedding in `outputs` (the model's returned dict).
+
+        The tie keeps the tower's output in the backward graph of a loss that reads only token
+        outputs: ZeRO-3 gathers a tower's own parameters (the ViT's class and position
+        embeddings, the text position embedding) again when the gradient reaches the tower's
+        output, and would otherwise meet their gradients partitioned."""
+        anchors = {"image": outputs.get("image_features"), "text": outputs.get("text_features")}
+        values = {}
+        for key, value in recorded.items():
+            if key in self._projections:
+                value = self._projections[key](value)
+            anchor = anchors[key.split("_", 1)[0]]
+            if anchor is not None and anchor.requires_grad:
+                value = value + 0.0 * anchor.sum().to(value.dtype)
+            values[key] = value
+        return values
+
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
 
-    def _hook(self, key: str, transform: Callable, _module, _args, output) -> None:
+    def _hook(self, key: str, _module, _args, output) -> None:
         if self._record is not None:
-            self._record[key] = transform(output)
+            self._record[key] = output
 
     @staticmethod
-    def _site(model: nn.Module, key: str, who: str) -> tuple[nn.Module, Callable]:
-        """The module whose output holds `key`, and the map from that output to the value."""
+    def _site(model: nn.Module, key: str, who: str) -> nn.Module:
+        """The module whose output holds `key` (a one-line ValueError when there is none)."""
         match = BLOCK_KEY.match(key)
         if match:
             tower, index = match.group(1), int(match.group(2))
             transformer = tower_transformer(model, tower, who)
+            if not getattr(transformer, "batch_first", True):
+                raise ValueError(f"{who}: {key}: the {tower} transformer is not batch-first")
             blocks = transformer.resblocks
             if index >= len(blocks):
                 raise ValueError(f"{who}: {key}: the {tower} tower has {len(blocks)} blocks "
                                  f"(0..{len(blocks) - 1})")
-            batch_first = getattr(transformer, "batch_first", True)
-            return blocks[index], (lambda x: x) if batch_first else (lambda x: x.transpose(0, 1))
+            return blocks[index]
         if key == "image_patch_tokens":
             visual = model.visual
             tower_transformer(model, "image", who)
@@ -133,17 +173,27 @@ class TokenCapture:
                     or visual.pool_type not in ("tok", "avg") or visual.proj is None):
                 raise ValueError(f"{who}: image_patch_tokens need a ViT pooled by its class token "
                                  f"or the mean, with ln_post on the tokens and a projection")
-            return visual.ln_post, lambda x: x[:, 1:] @ visual.proj
+            return visual.ln_post
         if key == "text_token_features":
             text = _text_tower(model)
             tower_transformer(model, "text", who)
             if text.text_projection is None:
                 raise ValueError(f"{who}: text_token_features need a text projection")
-            if isinstance(text.text_projection, nn.Linear):
-                return text.ln_final, lambda x: text.text_projection(x)
-            return text.ln_final, lambda x: x @ text.text_projection
+            return text.ln_final
         raise ValueError(f"{who}: {key!r} is not a token-level output (image_blocks.<i>, "
                          f"text_blocks.<i>, {', '.join(FINAL_KEYS)})")
+
+    @staticmethod
+    def _projection(model: nn.Module, key: str) -> Callable:
+        """The map from the recorded norm output to the key's value. The matrix is looked up at
+        each call (the module's current parameter, gathered by ZeRO-3 when read)."""
+        if key == "image_patch_tokens":
+            visual = model.visual
+            return lambda x: x[:, 1:] @ visual.proj
+        text = _text_tower(model)
+        if isinstance(text.text_projection, nn.Linear):
+            return lambda x: text.text_projection(x)
+        return lambda x: x @ text.text_projection
 
 
 def encode_with_tokens(model: nn.Module, capture: TokenCapture | None, images: torch.Tensor | None,
@@ -151,6 +201,6 @@ def encode_with_tokens(model: nn.Module, capture: TokenCapture | None, images: t
     """models.encode's outputs plus the token-level outputs `capture` records (None: none)."""
     if capture is None:
         return models.encode(model, images, texts)
-    with capture.recording() as tokens:
+    with capture.recording() as recorded:
         outputs = models.encode(model, images, texts)
-    return {**outputs, **tokens}
+    return {**outputs, **capture(recorded, outputs)}

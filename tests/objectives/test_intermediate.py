@@ -15,7 +15,7 @@ from training.objectives.intermediate import (BlockAlignment, IntermediateTerm, 
                                               parse_pairs)
 from training.task import DistillationTask
 from training.teachers import LiveTeacher, StoredTeacher
-from training.tokens import TokenCapture
+from training.tokens import TokenCapture, encode_with_tokens
 
 models.register_model_configs()
 PAIRS = {"image": [[1, 3], [0, 1]], "text": [[1, 2]]}
@@ -170,10 +170,9 @@ def test_intermediate_term_equals_explicit_loops(pair, kind):
     capture = TokenCapture(teacher_model, ["image_blocks.1", "image_blocks.3", "text_blocks.2"])
     images, texts = probe_batch(n=2)
     out = task(images, texts)
-    with torch.no_grad(), capture.recording() as teacher_tokens:
-        teacher = models.encode(teacher_model, images, texts)
+    with torch.no_grad():
+        teacher = encode_with_tokens(teacher_model, capture, images, texts)
     capture.remove()
-    teacher.update(teacher_tokens)
     assert out["image_blocks_aligned.1"].shape == (2, 65, 128)
     assert out["text_blocks_aligned.1"].shape == (2, 32, 128)
     term = IntermediateTerm(PAIRS, kind=kind)
