@@ -95,8 +95,9 @@ class TeacherSource:
         """Make `outputs` also return the token-level `keys` (training/tokens.py) that `who`
         (e.g. "loss.terms.attribution") reads; a one-line ValueError, before training, from a
         source that has no model to capture them from."""
+        keys = sorted(set(keys))
         if keys:
-            raise ValueError(f"{who} needs the teacher's {', '.join(sorted(keys))}, which "
+            raise ValueError(f"{who} needs the teacher's {', '.join(keys)}, which "
                              f"model.teacher_source={self.kind} cannot give (no teacher model "
                              f"runs): use model.teacher_source=live")
 

@@ -39,8 +39,8 @@ def launch(tmp_path_factory):
     save_file({k: v.contiguous() for k, v in task.state_dict().items()},
               str(data / "task.safetensors"))
     torch.save(inputs, data / "inputs.pt")
-    run_torchrun(["tests/objectives/token_engines_worker.py", "--data", str(data),
-                  "--out", str(out)], nproc=2, timeout=400)
+    run_torchrun(["tests/objectives/token_engines_worker.py", str(data), str(out)], nproc=2,
+                 timeout=400)
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
     return inputs, data, ranks
 

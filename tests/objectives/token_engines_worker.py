@@ -1,6 +1,6 @@
 """Worker for test_token_engines.py, run under torchrun with 2 ranks (gloo, CPU).
 
-Reads DATA/inputs.pt (the full batch, the teacher's token-level outputs, the block pairs) and
+Usage: token_engines_worker.py DATA OUT. Reads DATA/inputs.pt (the full batch, the teacher's token-level outputs, the block pairs) and
 DATA/task.safetensors (the task module's initial weights: the student and its alignment head),
 takes this rank's half of the batch and, per case, builds a real DeepSpeed engine around the
 task module (which captures the token-level outputs in its forward), runs forward, the case's
@@ -10,7 +10,7 @@ forward's outputs.
 """
 from __future__ import annotations
 
-import argparse
+import sys
 from pathlib import Path
 
 import open_clip
@@ -82,19 +82,14 @@ def run_case(case: str, inputs: dict, state_file: str, rank: int, world: int) ->
             "outputs": {k: v.detach().clone() for k, v in outputs.items()}}
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args()
+def main(data: Path, out: Path) -> None:
     info = init_distributed(timeout_s=60)
-    inputs = torch.load(Path(args.data) / "inputs.pt", weights_only=False)
-    state_file = str(Path(args.data) / "task.safetensors")
-    record = {case: run_case(case, inputs, state_file, info.rank, info.world_size)
-              for case in CASES}
-    torch.save(record, Path(args.out) / f"rank{info.rank}.pt")
+    inputs = torch.load(data / "inputs.pt", weights_only=False)  # written by the test
+    record = {case: run_case(case, inputs, str(data / "task.safetensors"), info.rank,
+                             info.world_size) for case in CASES}
+    torch.save(record, out / f"rank{info.rank}.pt")
     dist.barrier()
 
 
 if __name__ == "__main__":
-    main()
+    main(Path(sys.argv[1]), Path(sys.argv[2]))  # DATA OUT
