@@ -187,3 +187,27 @@ def test_intermediate_term_equals_explicit_loops(pair, kind):
     loss.backward()  # the alignment MLPs and the student's chosen blocks learn from it
     assert head.mlps["image_1"][0].weight.grad.abs().sum() > 0
     assert student.visual.transformer.resblocks[0].mlp.c_fc.weight.grad.abs().sum() > 0
+
+
+def test_activation_checkpointing_gives_the_same_outputs_and_gradients(pair):
+    """Recomputing the blocks in the backward (open_clip's grad checkpointing) records nothing
+    new: the same token outputs and the same gradients as without."""
+    student, _ = pair
+    images, texts = probe_batch(n=2)
+    results = []
+    for checkpointing in (False, True):
+        task = DistillationTask(student, token_outputs=["image_blocks.0", "image_patch_tokens"])
+        task.set_grad_checkpointing(checkpointing)
+        student.zero_grad()
+        out = task(images, texts)
+        (out["image_blocks.0"].square().mean() + out["image_patch_tokens"].mean()).backward()
+        results.append((out, {n: p.grad.clone() for n, p in student.named_parameters()
+                              if p.grad is not None}))
+        task.capture.remove()
+    task.set_grad_checkpointing(False)
+    (plain, plain_grads), (checkpointed, checkpointed_grads) = results
+    for key in ("image_blocks.0", "image_patch_tokens"):
+        torch.testing.assert_close(checkpointed[key], plain[key])
+    assert set(checkpointed_grads) == set(plain_grads)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(checkpointed_grads[name], grad, msg=name)
