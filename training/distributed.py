@@ -196,7 +196,12 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """
     if not is_distributed():
         return x
-    return torch.cat(torch.distributed.nn.functional.all_gather(x), dim=0)
+    gathered = torch.cat(torch.distributed.nn.functional.all_gather(x), dim=0)
+    if gathered.requires_grad:
+        # all_gather's backward on gloo (all_to_all) sends the gradient buffers' memory as if
+        # contiguous: a transposed gradient (e.g. from an einsum) would arrive scrambled.
+        gathered.register_hook(lambda grad: grad.contiguous())
+    return gathered
 
 
 @torch.no_grad()

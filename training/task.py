@@ -1,7 +1,8 @@
 """The distillation task: the one module the engine wraps (timm's FeatureDistillationTrainableModule).
 
-    task = DistillationTask(student, student_spec, heads={"projection": FeatureProjection(64, 512)})
-    out = task(images, texts)          # the student's outputs, plus what each head adds
+    task = DistillationTask(student, heads={"projection": FeatureProjection(64, 512)},
+                            token_outputs=["image_patch_tokens"])   # training/tokens.py keys
+    out = task(images, texts)          # the student's outputs (+ token-level ones), plus what each head adds
     task.param_groups(weight_decay)    # AdamW groups, the heads' and the student's own included
                                        # (+ named groups with their own rate: optim.param_groups)
     task.regularization(step), task.metrics(step)
@@ -20,12 +21,12 @@ torch's `get_extra_state` / `set_extra_state`, so it rides in the same state dic
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from training import models
+from training.tokens import TokenCapture, encode_with_tokens
 
 STUDENT_PREFIX = "student."
 
@@ -56,7 +57,11 @@ class TrainingHooks:
 
 class TaskHead(TrainingHooks, nn.Module):
     """A trainable part of the task that is not the student: reads the student's outputs and
-    returns entries to add to them (per-sample entries are [batch, ...] tensors)."""
+    returns entries to add to them (per-sample entries are [batch, ...] tensors).
+    `token_inputs`: the token-level outputs (training/tokens.py keys) it reads, which the task
+    then captures from the student's forward."""
+
+    token_inputs: tuple[str, ...] = ()
 
     def forward(self, outputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -80,18 +85,24 @@ class FeatureProjection(TaskHead):
 class DistillationTask(nn.Module):
     """The student and its trainable heads, as one module for the engine."""
 
-    def __init__(self, student: nn.Module, heads: Mapping[str, TaskHead] | None = None):
+    def __init__(self, student: nn.Module, heads: Mapping[str, TaskHead] | None = None,
+                 token_outputs: Iterable[str] = ()):
         super().__init__()
         self.student = student
         self.heads = nn.ModuleDict(dict(heads or {}))
+        keys = set(token_outputs) | {k for head in self.heads.values() for k in head.token_inputs}
+        self.capture = TokenCapture(student, keys, who="student") if keys else None
 
     def forward(self, images: torch.Tensor | None, texts: torch.Tensor | None,
                 text_features: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The student's outputs (open_clip's dict: image_features, text_features, 0-dim
-        logit_scale) plus every head's entries. `text_features`: the text tower's output
-        computed elsewhere, used instead of running it (a LiT student, whose frozen text tower
-        is the teacher's: the teacher source computed them, training/trainer.py)."""
-        outputs = models.encode(self.student, images, None if text_features is not None else texts)
+        logit_scale), the token-level outputs asked for (`token_outputs` and the heads'
+        `token_inputs`, captured inside the student's forward: training/tokens.py), plus every
+        head's entries. `text_features`: the text tower's output computed elsewhere, used
+        instead of running it (a LiT student, whose frozen text tower is the teacher's: the
+        teacher source computed them, training/trainer.py)."""
+        outputs = encode_with_tokens(self.student, self.capture, images,
+                                     None if text_features is not None else texts)
         if text_features is not None:
             outputs["text_features"] = text_features
         for head in self.heads.values():

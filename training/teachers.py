@@ -7,6 +7,8 @@
 A source tells the data pipeline which views it reads (`preprocess_cfg`: its image view, None
 for none; `tokenizer`: its caption ids, None for none) and returns the loss's teacher dict
 (image_features, text_features, logit_scale; training/losses.py) for the step's micro-batches,
+plus the token-level outputs a loss term asked for with `require_outputs` (training/tokens.py:
+a live teacher captures them in its forward; a stored-embedding teacher refuses in one line),
 reading the batch keys `teacher_image` and `teacher_text` (training/data). Sources
 (`model.teacher_source`): a live open_clip model (`LiveTeacher`), or the embeddings
 `clip-data embed` stored beside the shards (`StoredTeacher`: no model; one or several teachers,
@@ -19,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +32,7 @@ from training.config import ModelConfig
 from training.data.config import DataConfig
 from training.files import sha256_file
 from training.specs import ModelSpec, TextTokenizer, build_teacher, model_spec
+from training.tokens import TokenCapture, encode_with_tokens
 
 
 def teacher_identity(spec: ModelSpec | str, pretrained: Optional[str]) -> dict:
@@ -88,6 +91,16 @@ class TeacherSource:
     def outputs(self, micro_batches: list[dict]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def require_outputs(self, keys: Iterable[str], who: str) -> None:
+        """Make `outputs` also return the token-level `keys` (training/tokens.py) that `who`
+        (e.g. "loss.terms.attribution") reads; a one-line ValueError, before training, from a
+        source that has no model to capture them from."""
+        keys = sorted(set(keys))
+        if keys:
+            raise ValueError(f"{who} needs the teacher's {', '.join(keys)}, which "
+                             f"model.teacher_source={self.kind} cannot give (no teacher model "
+                             f"runs): use model.teacher_source=live")
+
 
 class LiveTeacher(TeacherSource):
     """A frozen model run on every step's batches (eval mode, no gradients, teacher_dtype)."""
@@ -99,11 +112,19 @@ class LiveTeacher(TeacherSource):
         self.embeddings, _ = _embedding_sets(cfg, data)
         model, self.spec = build_teacher(cfg.teacher, cfg.teacher_pretrained, cfg.teacher_dtype)
         self.model = model.to(device)
+        self.capture: Optional[TokenCapture] = None
+
+    def require_outputs(self, keys: Iterable[str], who: str) -> None:
+        """Capture the token-level `keys` in the teacher's forward (added to the ones before)."""
+        keys = set(keys) | set(self.capture.keys if self.capture is not None else ())
+        if self.capture is not None:
+            self.capture.remove()
+        self.capture = TokenCapture(self.model, keys, who=f"{who}: teacher") if keys else None
 
     @torch.no_grad()
     def outputs(self, micro_batches: list[dict]) -> dict[str, torch.Tensor]:
-        return concat_outputs([models.encode(self.model, mb["teacher_image"], mb["teacher_text"])
-                               for mb in micro_batches])
+        return concat_outputs([encode_with_tokens(self.model, self.capture, mb["teacher_image"],
+                                                  mb["teacher_text"]) for mb in micro_batches])
 
 
 class StoredTeacher(TeacherSource):

@@ -5,6 +5,9 @@
   clip-eval report RUN_DIR [RUN_DIR ...] --out DIR [--labels A B ...]
   clip-eval latency [--checkpoint PATH] [--model NAME_OR_JSON] [--backends pytorch,onnx,int8]
                     [--batch-size 64] [--out latency.json]   # per-tower ms and pairs/s
+  clip-eval attribution --checkpoint S [--model M] --teacher-checkpoint T [--teacher-model M]
+                        --images DIR [--texts T ...] [--num-images 4] --out DIR
+                        # teacher | student heatmaps (PNG) + map agreement (attribution.json)
 
 Under torchrun the evaluation runs on every rank (each encodes its share; results gathered);
 rank 0 prints and writes. Bad input ends with one line `clip-eval: error: ...` and exit 2,
@@ -63,7 +66,46 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     lat.add_argument("--device", default="cpu", help="PyTorch eager's device (cpu or cuda)")
     lat.add_argument("--out", help="write the JSON rows here (and the .md table beside it)")
+
+    att = sub.add_parser("attribution", help="side-by-side teacher | student attribution "
+                         "heatmaps and a map-agreement score: training/evaluation/attribution.py")
+    att.add_argument("--checkpoint", help="the student, as for eval (omit for random weights)")
+    att.add_argument("--model", help="as for eval")
+    att.add_argument("--teacher-checkpoint", help="the teacher, as --checkpoint")
+    att.add_argument("--teacher-model", help="the teacher's model, as --model")
+    att.add_argument("--images", required=True, metavar="DIR", help="an evaluation set (shards "
+                     "or ImageFolder); its first --num-images images are used")
+    att.add_argument("--texts", nargs="+", help="texts to explain (each image with each text; "
+                     "default: each image's first caption)")
+    att.add_argument("--num-images", type=int, default=4)
+    att.add_argument("--top-fraction", type=float, default=0.1,
+                     help="share of the patches whose top-k IoU is reported")
+    att.add_argument("--device", default="cpu")
+    att.add_argument("--out", required=True, help="output folder (PNGs + attribution.json)")
     return parser
+
+
+def run_attribution(args) -> None:
+    from training.evaluation.attribution import write_attribution
+    from training.evaluation.datasets import open_eval_set
+    from training.evaluation.loading import load_for_eval
+
+    if args.teacher_checkpoint is None and args.teacher_model is None:
+        raise ValueError("attribution needs a teacher: --teacher-checkpoint and/or --teacher-model")
+    if args.num_images < 1:
+        raise ValueError(f"--num-images {args.num_images}: must be positive")
+    if not 0 < args.top_fraction <= 1:
+        raise ValueError(f"--top-fraction {args.top_fraction}: must be in (0, 1]")
+    if args.texts is not None and not all(t.strip() for t in args.texts):
+        raise ValueError("--texts: an empty text")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out}: exists and is not a folder")
+    open_eval_set(args.images)
+    student = load_for_eval(args.checkpoint, args.model, args.device)
+    teacher = load_for_eval(args.teacher_checkpoint, args.teacher_model, args.device)
+    record = write_attribution(student, teacher, args.images, args.out, args.num_images,
+                               args.texts, args.top_fraction, args.device)
+    print(json.dumps({k: v for k, v in record.items() if k != "pairs"}, indent=2))
 
 
 def run_latency(args) -> None:
@@ -191,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "latency":
             run_latency(args)
+            return 0
+        if args.command == "attribution":
+            run_attribution(args)
             return 0
         _check_eval_args(args)
         record, rank = run_eval(args)
