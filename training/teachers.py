@@ -6,7 +6,7 @@
 
 A source tells the data pipeline which views it reads (`preprocess_cfg`: its image view, None
 for none; `tokenizer`: its caption ids, None for none) and returns the loss's teacher dict
-(image_features, text_features, logit_scale; training/losses.py) for the step's micro-batches,
+(image_features, text_features, logit_scale; training/objectives/) for the step's micro-batches,
 reading the batch keys `teacher_image` and `teacher_text` (training/data). Sources
 (`model.teacher_source`): a live open_clip model (`LiveTeacher`), or the embeddings
 `clip-data embed` stored beside the shards (`StoredTeacher`: no model; one or several teachers,

@@ -9,7 +9,7 @@ heads, training/task.py), the loss, the DeepSpeed engine, the checkpoints and th
 restores a checkpoint when asked; then `train()` runs optimizer steps until `total_steps`:
 
     micro-batches -> teacher outputs (no grad) -> task forward (student + heads)
-                  -> DistillationLoss + the task's regularizers -> engine.backward -> engine.step
+                  -> DistillationLoss (training/objectives) + the task's regularizers -> engine.backward -> engine.step
 
 with exact feature-cached gradient accumulation (training/accumulation.py). Each component is an
 attribute built by one method, so a subclass or a test can swap any of them.
@@ -44,12 +44,12 @@ from training.distributed import all_reduce_flag, barrier, init_distributed, ran
 from training.engine import build_engine, deepspeed_config
 from training.export import export_checkpoint
 from training.files import write_json_atomic
-from training.losses import DistillationLoss
+from training.objectives import DistillationLoss
 from training.metrics import MetricsLogger
 from training.optim import continue_schedule, group_settings, restore_group_settings
 from training.run_lock import RunLock
 from training.specs import build_student, model_spec
-from training.task import DistillationTask, FeatureProjection
+from training.task import DistillationTask
 from training.teachers import build_teacher_source
 
 log = logging.getLogger("training")
@@ -91,8 +91,8 @@ class Trainer:
         seed_everything(cfg.seed)  # same student init on every rank
         student = self.build_student()
         self.teacher = build_teacher_source(cfg.model, self.device, cfg.data)
-        self.task = self.build_task(student)
         self.loss_fn = DistillationLoss.from_config(cfg.loss)
+        self.task = self.build_task(student)
         self.train_state, self.data_position = TrainState(), DataPosition()
         self.steps_per_epoch = len(self.make_loader(epoch=0)) // cfg.optim.grad_accum_steps
         self.total_steps = cfg.optim.total_steps or cfg.optim.epochs * self.steps_per_epoch
@@ -156,12 +156,11 @@ class Trainer:
                                     mask.start_sparsity, mask.warmup_steps, lr=mask.lr)
 
     def build_task(self, student: torch.nn.Module) -> DistillationTask:
-        """The student and its trainable heads, as the one module the engine wraps: a feature
-        projection when feature distillation joins models of different widths."""
-        heads = {}
+        """The student and the trainable heads the loss's terms need, as the one module the
+        engine wraps (e.g. a feature projection between models of different widths, a learned
+        temperature, the uncertainty balancer's log-variances)."""
         teacher_dim = self.teacher.embed_dim if self.teacher is not None else None
-        if self.cfg.loss.feature_weight > 0 and teacher_dim != self.student_spec.embed_dim:
-            heads["projection"] = FeatureProjection(self.student_spec.embed_dim, teacher_dim)
+        heads = self.loss_fn.task_heads(self.student_spec.embed_dim, teacher_dim)
         return models.make_deepspeed_safe(DistillationTask(student, heads))
 
     def make_loader(self, epoch: int, skip_batches: int = 0):
@@ -252,7 +251,7 @@ class Trainer:
         for index, micro_batch in enumerate(micro_batches):
             live = self.student_outputs(micro_batch)
             student = live if cached is None else with_live_micro_batch(cached, live, index)
-            losses = self.loss_fn(student, teacher)
+            losses = self.loss_fn(student, teacher, step=self.train_state.step)
             loss = losses["loss"]
             if index == 0:  # batch-independent terms: counted once per optimizer step
                 regularization = self.task.regularization(self.train_state.step)
@@ -332,7 +331,7 @@ class Trainer:
     def checkpoint_parts(self) -> dict:
         """What a checkpoint holds besides the engine's module, optimizer and scheduler."""
         return {"train_state": self.train_state, "data_position": self.data_position,
-                "rng": RngStates()}
+                "rng": RngStates(), **self.loss_fn.checkpoint_parts()}
 
     def run_record(self) -> dict:
         """The JSON facts of this run a resume is checked against (checkpoint.check_resume)."""

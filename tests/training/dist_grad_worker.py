@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from training.distributed import all_reduce_flag, gather_with_grad, init_distributed
-from training.losses import DistillationLoss
+from training.objectives import DistillationLoss
 from training.models import encode, make_deepspeed_safe
 from training.specs import build_student
 
