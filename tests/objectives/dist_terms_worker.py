@@ -6,23 +6,15 @@ its images and their K captions, runs the towers and the loss's task heads, the 
 (local rows x gathered columns), backward, and averages the gradients over ranks as DeepSpeed
 and DDP do; it saves its loss and the averaged gradients to OUT/rank{R}.pt.
 """
-import argparse
-from pathlib import Path
-
 import torch
 import torch.distributed as dist
 
+from tests.helpers.torchrun import start_worker
 from tests.objectives.test_distributed_terms import forward_and_backward
-from training.distributed import init_distributed
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args()
-    info = init_distributed(timeout_s=60)
-    inputs = torch.load(Path(args.data) / "inputs.pt", weights_only=False)
+    info, inputs, _, out = start_worker()
     n = inputs["images"].shape[0] // info.world_size
     k = inputs["texts"].shape[0] // inputs["images"].shape[0]
     images, texts = slice(info.rank * n, (info.rank + 1) * n), slice(info.rank * n * k, (info.rank + 1) * n * k)
@@ -33,7 +25,7 @@ def main():
             dist.all_reduce(grad)
             grad /= info.world_size
         record[name] = {"loss": loss, "grads": grads}
-    torch.save(record, Path(args.out) / f"rank{info.rank}.pt")
+    torch.save(record, out / f"rank{info.rank}.pt")
     dist.barrier()
 
 

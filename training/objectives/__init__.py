@@ -34,7 +34,7 @@ from torch import nn
 
 from training.config_files import ConfigError
 from training.distributed import rank_and_world
-from training.objectives.balance import BALANCE_MODES, build_balancer
+from training.objectives.balance import build_balancer
 from training.objectives.base import (TERMS, LossTerm, TermInputs, contrastive_targets,
                                       register_term, soft_cross_entropy)
 from training.objectives.schedules import Schedule, parse_schedule

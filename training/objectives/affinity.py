@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from training.objectives.base import LossTerm, TermInputs, register_term, soft_cross_entropy
+from training.objectives.base import LossTerm, TermInputs, register_term, symmetric_cross_entropy
 
 
 def teacher_probs(inputs: TermInputs) -> list[torch.Tensor]:
@@ -30,5 +30,4 @@ class AffinityTerm(LossTerm):
     needs_teacher = True
 
     def forward(self, inputs: TermInputs) -> torch.Tensor:
-        return sum(soft_cross_entropy(z, p) for z, p in
-                   zip(inputs.student_logits(), teacher_probs(inputs))) / 2
+        return symmetric_cross_entropy(inputs.student_logits(), teacher_probs(inputs))

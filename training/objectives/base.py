@@ -54,6 +54,12 @@ def soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor) -> torc
     return -(target_probs * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
 
 
+def symmetric_cross_entropy(logits: tuple[torch.Tensor, torch.Tensor],
+                            targets: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The mean of soft_cross_entropy over the two directions (image -> text, text -> image)."""
+    return sum(soft_cross_entropy(z, p) for z, p in zip(logits, targets)) / 2
+
+
 def kl_divergence(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
     """Mean over rows of KL(p || softmax(logits)) (0 where p is 0)."""
     log_p = torch.log(target_probs.clamp_min(1e-30))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from training.objectives.base import LossTerm, TermInputs, register_term, soft_cross_entropy
+from training.objectives.base import LossTerm, TermInputs, register_term, symmetric_cross_entropy
 
 
 @register_term
@@ -19,5 +19,4 @@ class ClipTerm(LossTerm):
     needs_teacher = False
 
     def forward(self, inputs: TermInputs) -> torch.Tensor:
-        return sum(soft_cross_entropy(z, t) for z, t in
-                   zip(inputs.student_logits(), inputs.targets())) / 2
+        return symmetric_cross_entropy(inputs.student_logits(), inputs.targets())

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from training.objectives.base import LossTerm, TermInputs, register_term, soft_cross_entropy
+from training.objectives.base import LossTerm, TermInputs, register_term, symmetric_cross_entropy
 from training.objectives.feature import projection_heads
 
 
@@ -42,4 +42,4 @@ class InteractiveTerm(LossTerm):
                              f"teacher {t_img.shape[-1]} and no projection head")
         scale = inputs.student_scale()
         logits = (scale * student_img.float() @ t_txt.T, scale * student_txt.float() @ t_img.T)
-        return sum(soft_cross_entropy(z, t) for z, t in zip(logits, inputs.targets())) / 2
+        return symmetric_cross_entropy(logits, inputs.targets())
