@@ -260,7 +260,7 @@ class Trainer:
             self.engine.step()
         losses.update({f"loss_{name}": value for name, value in regularization.items()})
         losses.update(self.task.metrics(self.train_state.step))
-        losses.update(self.loss_fn.scales_used(student, teacher))
+        losses.update(self.loss_fn.scales_used(student, teacher, self.train_state.step))
         losses["lr"] = torch.tensor(lr, dtype=torch.float64)
         return {k: v.detach() for k, v in losses.items()}
 

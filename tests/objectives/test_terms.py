@@ -66,7 +66,9 @@ def test_learned_tempkd_temperature_is_a_task_head_parameter_with_a_gradient():
     assert torch.allclose(out["tempkd"], expected, atol=1e-6)
     out["loss"].backward()
     assert param.grad is not None and param.grad.abs().item() > 0
-    assert with_heads(heads, student)["tempkd_log_temperature"].shape == (1,)
+    full = with_heads(heads, student)
+    assert full["tempkd_log_temperature"].shape == (1,)
+    assert loss_fn.scales_used(full, teacher)["tempkd_temperature"].item() == pytest.approx(0.25)
 
 
 @pytest.mark.parametrize("fixed", [None, 50.0])

@@ -191,10 +191,14 @@ class DistillationLoss(nn.Module):
         return out
 
     @torch.no_grad()
-    def scales_used(self, student: dict, teacher: dict | None) -> dict[str, torch.Tensor]:
-        """The logit scales the terms applied (the fixed one, else each model's own), to log."""
-        inputs = self.inputs(student, teacher)
+    def scales_used(self, student: dict, teacher: dict | None, step: int = 0
+                    ) -> dict[str, torch.Tensor]:
+        """The logit scales the terms applied (the fixed one, else each model's own) and the
+        terms' own (e.g. tempkd_temperature), to log."""
+        inputs = self.inputs(student, teacher, step)
         scales = {"logit_scale": inputs.student_scale().detach().reshape(())}
+        for term in self.terms.values():
+            scales.update({k: v.detach().reshape(()) for k, v in term.scales(inputs).items()})
         if teacher is None:
             return scales
         members = inputs.teacher_members()

@@ -189,6 +189,11 @@ class LossTerm(nn.Module):
     def forward(self, inputs: TermInputs) -> torch.Tensor:
         raise NotImplementedError
 
+    def scales(self, inputs: TermInputs) -> dict[str, torch.Tensor]:
+        """Scales or temperatures of its own the term applied, to log (e.g. a learned
+        temperature: read from the outputs, which is ZeRO-3 safe). Default: none."""
+        return {}
+
     def task_heads(self, student_dim: int, teacher_dim: int | None) -> dict[str, nn.Module]:
         """Trainable parts this term needs in the task module (training/task.py TaskHead), by
         head name (its checkpoint keys are heads.<name>.*). Default: none."""

@@ -27,17 +27,14 @@ HEAD = "tempkd_temperature"
 
 class TemperatureHead(TaskHead):
     """A learned temperature: adds `tempkd_log_temperature` (a [1] tensor, shared by the batch)
-    to the student's outputs."""
+    to the student's outputs (the term logs it as tempkd_temperature)."""
 
     def __init__(self, initial: float):
         super().__init__()
         self.log_temperature = nn.Parameter(torch.tensor([math.log(initial)]))
 
     def forward(self, outputs):
-        return {"tempkd_log_temperature": self.log_temperature}
-
-    def metrics(self, step: int) -> dict[str, torch.Tensor]:
-        return {"tempkd_temperature": self.log_temperature.detach().exp().reshape(())}
+        return {"tempkd_log_temperature": self.log_temperature.clone()}  # ZeRO-3 releases params
 
 
 @register_term
@@ -60,11 +57,18 @@ class TempKDTerm(LossTerm):
     def task_heads(self, student_dim: int, teacher_dim: int | None) -> dict:
         return {HEAD: TemperatureHead(self.temperature(0))} if self.learned else {}
 
+    def student_scale(self, inputs: TermInputs):
+        """1 / the student side's temperature: the learned one, else the schedule's."""
+        if self.learned:
+            return torch.exp(-inputs.student["tempkd_log_temperature"].float().reshape(()))
+        return 1.0 / self.temperature(inputs.step)
+
+    def scales(self, inputs: TermInputs) -> dict[str, torch.Tensor]:
+        return {"tempkd_temperature": 1.0 / torch.as_tensor(self.student_scale(inputs)).float()}
+
     def forward(self, inputs: TermInputs) -> torch.Tensor:
         tau = self.temperature(inputs.step)
-        student_scale = 1.0 / tau
-        if self.learned:
-            student_scale = torch.exp(-inputs.student["tempkd_log_temperature"].float().reshape(()))
+        student_scale = self.student_scale(inputs)
         inputs.single_teacher(self.name)
         teacher = inputs.teacher_logits(0, scale=1.0 / tau)
         student = inputs.student_logits(scale=student_scale)
