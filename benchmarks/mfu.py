@@ -6,7 +6,7 @@
 
 What one step is: the trainer's work on one batch in one process: read the batch (the real
 training loader, 0 workers, so this is what loader workers must hide), teacher forward (frozen,
-no grad), student forward + affinity-mimicking loss (training.losses.DistillationLoss), backward,
+no grad), student forward + affinity-mimicking loss (training.objectives.DistillationLoss), backward,
 AdamW step. Communication: none in one process (the loss's gathers are identities there).
 
 FLOPs: torch.utils.flop_counter.FlopCounterMode over teacher forward + student forward + loss +
@@ -37,7 +37,7 @@ from training import models  # noqa: E402
 from training.data import DataConfig, build_train_loader  # noqa: E402
 from training.evaluation.cost import count_flops  # noqa: E402
 from training.evaluation.features import autocast  # noqa: E402
-from training.losses import DistillationLoss  # noqa: E402
+from training.objectives import DistillationLoss  # noqa: E402
 from training.specs import build_student, build_teacher  # noqa: E402
 
 

@@ -6,7 +6,7 @@
 
 A source tells the data pipeline which views it reads (`preprocess_cfg`: its image view, None
 for none; `tokenizer`: its caption ids, None for none) and returns the loss's teacher dict
-(image_features, text_features, logit_scale; training/losses.py) for the step's micro-batches,
+(image_features, text_features, logit_scale; training/objectives/) for the step's micro-batches,
 plus the token-level outputs a loss term asked for with `require_outputs` (training/tokens.py:
 a live teacher captures them in its forward; a stored-embedding teacher refuses in one line),
 reading the batch keys `teacher_image` and `teacher_text` (training/data). Sources

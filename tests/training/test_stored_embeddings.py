@@ -22,7 +22,7 @@ from training.checkpoint import tag_for_step
 from training.config import load_config
 from training.data import DataError, build_train_loader
 from training.data.sidecar import EmbeddingSets
-from training.losses import DistillationLoss
+from training.objectives import DistillationLoss
 from training.specs import build_teacher, model_spec
 from training.teachers import build_teacher_source
 

@@ -213,9 +213,11 @@ class SidecarJoin:
 
 
 def pick(stored: dict[str, bytes], num_captions: int, dtype: str, num_teachers: int,
-         augmentation: int, caption: int, where: str) -> tuple[tuple[int, int, int, int], list, list]:
-    """(crop box, [image embedding per teacher], [text embedding per teacher]) of one sample's
-    chosen augmentation and caption; DataError when the entry does not fit the sample."""
+         augmentation: int, captions: list[int], where: str
+         ) -> tuple[tuple[int, int, int, int], list, list]:
+    """(crop box, [image embedding per teacher], [text embeddings [K, D] per teacher]) of one
+    sample's chosen augmentation and captions (in that order); DataError when the entry does not
+    fit the sample."""
     try:
         crops = decode_array(stored["crops.npy"])
         images = [decode_array(stored[f"img{t}.npy"], dtype) for t in range(num_teachers)]
@@ -226,4 +228,4 @@ def pick(stored: dict[str, bytes], num_captions: int, dtype: str, num_teachers: 
         raise DataError(f"{where}: stored text embeddings for {texts[0].shape[0]} captions, the "
                         f"sample has {num_captions}")
     box = tuple(int(v) for v in crops[augmentation])
-    return box, [i[augmentation] for i in images], [t[caption] for t in texts]
+    return box, [i[augmentation] for i in images], [t[list(captions)] for t in texts]
