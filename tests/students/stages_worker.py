@@ -2,8 +2,9 @@
 
 For each student (the tiny recipes of issue 11 and the LiT student of tiny-distill.yaml) and
 each ZeRO stage 0-3: a Trainer (a real DeepSpeed engine) built from the recipe with the same
-seed, data and teacher, trained STEPS steps of 4 per rank (fp32, no checkpoint, no export).
-Each rank writes OUT/rank<r>.json: {student: {stage: {"finished", "losses", "trainable"}}}.
+seed, data and teacher, trained STEPS steps of 4 per rank (fp32) and exported (OUT/STUDENT/
+zeroS/export). Each rank writes OUT/rank<r>.json: {student: {stage: {"finished", "losses",
+"trainable"}}}.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def main() -> None:
             trainer = Trainer(load_config(recipe, tiny_overrides(
                 args.shards, run_dir, steps=STEPS, batch_size=4) + extra + [
                 f"model.teacher_pretrained={args.teacher}", f"deepspeed.zero_stage={stage}",
-                "checkpoint.export_at_end=false"]))
+                "checkpoint.export_at_end=true"]))
             trainable = sum(getattr(p, "ds_numel", p.numel()) for p in trainer.task.parameters()
                             if p.requires_grad)  # ZeRO-3: ds_numel, the unpartitioned size
             finished = trainer.train()
