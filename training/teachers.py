@@ -108,14 +108,21 @@ class LiveTeacher(TeacherSource):
                                for mb in micro_batches])
 
     def encode(self, images: torch.Tensor, texts: torch.Tensor) -> dict[str, torch.Tensor]:
-        """models.encode, with the text tower run on the batch's used tokens only when it can
-        be (causal_text_length): the same features, a fraction of the text tower's work."""
-        length = causal_text_length(self.model, texts)
-        if length is None:
-            return models.encode(self.model, images, texts)
-        out = models.encode(self.model, images, None)
-        out["text_features"] = encode_text_prefix(self.model, texts, length)
-        return out
+        return encode_frozen(self.model, images, texts)
+
+
+def encode_frozen(model: torch.nn.Module, images: Optional[torch.Tensor],
+                  texts: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """models.encode for a frozen model (no gradient), with the text tower run on the batch's
+    used tokens only when it can be (causal_text_length): the same features, a fraction of the
+    text tower's work (captions are short: the demo's use 13-15 of 32 positions, CC3M's ~15 of
+    77)."""
+    length = causal_text_length(model, texts)
+    if length is None:
+        return models.encode(model, images, texts)
+    out = models.encode(model, images, None)
+    out["text_features"] = encode_text_prefix(model, texts, length)
+    return out
 
 
 def causal_text_length(model: torch.nn.Module, texts: Optional[torch.Tensor]) -> Optional[int]:
