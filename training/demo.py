@@ -181,7 +181,11 @@ class Demo:
             self.run("inherit", ["-m", "training.inheritance", "--teacher", "Tiny-ViT-Teacher",
                                  "--teacher-pretrained", str(teacher_weights),
                                  "--student", "Tiny-ViT-Student", "--out", str(inherit_dir)])
-            self.run("embed", ["-m", "data_tools", "embed", self.shards("train"),
+            # Two processes (torchrun, each embeds its slice of the shards; the files do not
+            # depend on how many): the students' ranks run two at a time too.
+            self.run("embed", ["-m", "torch.distributed.run", "--standalone",
+                               "--nproc_per_node", "2", "-m", "data_tools", "embed",
+                               self.shards("train"),
                                "--name", STORED["name"], "--teacher", "Tiny-ViT-Teacher",
                                "--pretrained", str(teacher_weights),
                                "--augmentations", str(STORED["augmentations"]),
