@@ -145,6 +145,8 @@ RESUME_INVARIANTS = (
     ("model.teacher_source", "the run distils from that teacher source"),
     ("model.teacher_embeddings", "the run distils from that stored embedding set"),
     ("model.ensemble", "the run distils from that teacher ensemble"),
+    ("model.fusion", "the saved weights include that fusion head"),
+    ("optim.param_groups", "the saved optimizer state is grouped by them"),
 )
 
 

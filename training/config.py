@@ -74,6 +74,24 @@ class MaskConfig:
                  f"must be one of {PRUNE_MODES}, got {self.prune_mode!r}")
 
 
+FUSION_KINDS = ("film", "cross_attention")
+
+
+@dataclass
+class FusionConfig:
+    """KDEOV's text-visual fusion head (training/fusion.py), trained by loss.fusion_weight."""
+    kind: str = "film"  # film | cross_attention
+    hidden: Optional[int] = None  # film: width of the gamma/beta MLP (None: the feature width)
+    heads: int = 1  # cross_attention: attention heads (must divide the feature width)
+
+    def validate(self) -> None:
+        _require(self.kind in FUSION_KINDS, "model.fusion.kind",
+                 f"must be one of {FUSION_KINDS}, got {self.kind!r}")
+        _require(self.hidden is None or self.hidden >= 1, "model.fusion.hidden",
+                 f"must be >= 1 or null, got {self.hidden}")
+        _require(self.heads >= 1, "model.fusion.heads", f"must be >= 1, got {self.heads}")
+
+
 @dataclass
 class EnsembleTeacher:
     """One more teacher of a stored embedding set (model.ensemble)."""
@@ -99,6 +117,7 @@ class ModelConfig:
     teacher_embeddings: Optional[str] = None
     teacher_logit_scale: Optional[float] = None  # shards: None = the teacher's own (in the set)
     ensemble: List[EnsembleTeacher] = field(default_factory=list)  # shards: more teachers
+    fusion: Optional[FusionConfig] = None  # set: a FiLM / cross-attention head (KDEOV)
 
     def validate(self, cuda_available: bool) -> None:
         _require(self.teacher_dtype in PRECISIONS, "model.teacher_dtype",
@@ -119,7 +138,19 @@ class ModelConfig:
                          f"header does not parse)")
         if self.mask is not None:
             self.mask.validate()
+        if self.fusion is not None:
+            self.fusion.validate()
         self._validate_teacher_source()
+        if self.student.startswith("lit:"):  # training/specs.py LitSpec
+            _require(self.teacher is not None, "model.teacher",
+                     f"required with model.student={self.student} (its frozen text tower is "
+                     f"the teacher's)")
+            _require(self.teacher_source == "live" or self.teacher_pretrained is not None,
+                     "model.teacher_pretrained", f"required with model.student={self.student} "
+                     f"and stored embeddings (the frozen text tower's weights)")
+            _require(self.mask is None, "model.mask", "not supported with a lit: student")
+            _require(not self.ensemble, "model.ensemble",
+                     "not supported with a lit: student (its text features are one teacher's)")
 
     def _validate_teacher_source(self) -> None:
         _require(self.teacher_source in TEACHER_SOURCES, "model.teacher_source",
@@ -152,24 +183,48 @@ class LossConfig:
     clip_weight: float = 0.0  # ground-truth contrastive loss
     feature_weight: float = 0.0  # feature distillation (needs a teacher)
     feature_kind: str = "mse"  # mse | cosine
+    fusion_weight: float = 0.0  # fused_feature: model.fusion's output vs the teacher's images
     fixed_logit_scale: Optional[float] = None  # e.g. 50: force both scales (TinyCLIP recipes)
 
-    WEIGHTS = ("affinity_weight", "clip_weight", "feature_weight")
+    WEIGHTS = ("affinity_weight", "clip_weight", "feature_weight", "fusion_weight")
 
     @property
     def needs_teacher(self) -> bool:
-        return self.affinity_weight > 0 or self.feature_weight > 0
+        return self.affinity_weight > 0 or self.feature_weight > 0 or self.fusion_weight > 0
 
     def validate(self) -> None:
         for name in self.WEIGHTS:
             _require(getattr(self, name) >= 0, f"loss.{name}", "must be >= 0")
         _require(any(getattr(self, name) > 0 for name in self.WEIGHTS), "loss",
-                 "all weights are 0 (affinity_weight, clip_weight, feature_weight): "
-                 "nothing to train")
+                 "all weights are 0 (affinity_weight, clip_weight, feature_weight, "
+                 "fusion_weight): nothing to train")
         _require(self.feature_kind in FEATURE_KINDS, "loss.feature_kind",
                  f"must be one of {FEATURE_KINDS}, got {self.feature_kind!r}")
         _require(self.fixed_logit_scale is None or self.fixed_logit_scale > 0,
                  "loss.fixed_logit_scale", "must be > 0 or null")
+
+
+@dataclass
+class ParamGroupConfig:
+    """Parameters with their own learning rate (optim.param_groups), e.g. the heads at 1e-3."""
+    name: str = MISSING  # logged as lr/<name>; the optimizer groups <name> and <name>.no_decay
+    # fnmatch globs over the task's parameter names (student.visual.*, heads.*, *proj*): a
+    # parameter joins the first group with a matching glob; one matched by none keeps optim.lr
+    match: List[str] = field(default_factory=list)
+    lr: Optional[float] = None  # None: optim.lr (the warm-up + cosine scales this base rate)
+    weight_decay: Optional[float] = None  # None: optim.weight_decay (matrices only either way)
+
+    def validate(self, key: str, names: set) -> None:
+        _require(re.fullmatch(r"[A-Za-z][\w-]*", self.name or "") is not None
+                 and self.name not in ("decay", "no_decay"), f"{key}.name",
+                 f"must be a word (letters, digits, _ or -) other than decay / no_decay, "
+                 f"got {self.name!r}")
+        _require(self.name not in names, f"{key}.name", f"{self.name!r} is used twice")
+        _require(len(self.match) > 0 and all(self.match), f"{key}.match",
+                 "must list at least one non-empty glob")
+        _require(self.lr is None or self.lr > 0, f"{key}.lr", f"must be > 0, got {self.lr}")
+        _require(self.weight_decay is None or self.weight_decay >= 0, f"{key}.weight_decay",
+                 f"must be >= 0, got {self.weight_decay}")
 
 
 @dataclass
@@ -184,6 +239,7 @@ class OptimConfig:
     min_lr: float = 0.0  # the cosine ends here
     grad_clip: float = 0.0  # max global grad norm; 0 = off
     grad_accum_steps: int = 1  # micro-batches per optimizer step (feature-cached, exact)
+    param_groups: List[ParamGroupConfig] = field(default_factory=list)  # own lr per group
 
     def validate(self) -> None:
         _require((self.total_steps is None) != (self.epochs is None), "optim.total_steps",
@@ -203,6 +259,10 @@ class OptimConfig:
                  "optim.warmup_steps", "must be smaller than optim.total_steps")
         _require(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 = off)")
         _require(self.grad_accum_steps >= 1, "optim.grad_accum_steps", "must be >= 1")
+        names: set = set()
+        for i, group in enumerate(self.param_groups):
+            group.validate(f"optim.param_groups.{i}", names)
+            names.add(group.name)
 
 
 @dataclass
@@ -294,10 +354,15 @@ class TrainConfig:
         for section in (self.loss, self.optim, self.checkpoint, self.log, self.eval):
             section.validate()
         _require(not self.loss.needs_teacher or self.model.teacher is not None, "model.teacher",
-                 "missing, but loss.affinity_weight or loss.feature_weight > 0 needs a teacher "
-                 "(set those to 0 for plain CLIP training)")
+                 "missing, but loss.affinity_weight, feature_weight or fusion_weight > 0 needs "
+                 "a teacher "                 "(set those to 0 for plain CLIP training)")
         _require(not self.model.ensemble or self.loss.feature_weight == 0, "loss.feature_weight",
                  "must be 0 with model.ensemble (feature distillation needs one teacher)")
+        _require((self.model.fusion is None) == (self.loss.fusion_weight == 0),
+                 "loss.fusion_weight", "must be > 0 exactly when model.fusion is set (the fusion "
+                 "head's only gradient comes from the fused_feature term)")
+        _require(not self.model.ensemble or self.loss.fusion_weight == 0, "loss.fusion_weight",
+                 "must be 0 with model.ensemble (the fused_feature term needs one teacher)")
         if self.model.mask is not None:
             # The masked forward reads the blocks' weights itself: ZeRO-3's per-module
             # gathering never runs, and its activation checkpointing switch does not exist.

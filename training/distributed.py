@@ -199,6 +199,21 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(torch.distributed.nn.functional.all_gather(x), dim=0)
 
 
+@torch.no_grad()
+def average_across_ranks(tensors: list[torch.Tensor]) -> None:
+    """In place: each floating-point tensor becomes its mean over the ranks (one all-reduce of
+    them all, flattened). Integer tensors (counters every rank advances alike) are left as they
+    are. No-op in a single process."""
+    tensors = [t for t in tensors if t.is_floating_point()]
+    if not is_distributed() or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1).float() for t in tensors])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for tensor, mean in zip(tensors, flat.split([t.numel() for t in tensors])):
+        tensor.copy_(mean.view_as(tensor))
+
+
 def all_reduce_flag(flag: bool) -> bool:
     """True on every rank if it is True on any rank (e.g. "a preemption signal arrived")."""
     if not is_distributed():

@@ -32,6 +32,8 @@ from torch import nn
 
 from training.config import LossConfig
 from training.distributed import gather_with_grad, rank_and_world
+from training.objectives.base import TermInputs
+from training.objectives.fusion import FusedFeature
 
 
 
@@ -70,6 +72,8 @@ class DistillationLoss(nn.Module):
         widths differ, the task's FeatureProjection head (training/task.py) adds
         `image_features_projected` / `text_features_projected` to the student's outputs, and this
         term uses those. The loss itself has no parameters.
+    fused_feature: the fusion head's `fused_image_features` vs the teacher's image features
+        (training/objectives/fusion.py), with `fusion_weight`.
     fixed_logit_scale: e.g. 50.0 (TinyCLIP's recipes) for student and teacher in every term;
         None uses the student's learned scale and the teacher's own.
     TinyCLIP's alpha maps to affinity_weight=alpha, clip_weight=1-alpha.
@@ -78,23 +82,25 @@ class DistillationLoss(nn.Module):
 
     def __init__(self, affinity_weight: float = 1.0, clip_weight: float = 0.0,
                  feature_weight: float = 0.0, feature_kind: str = "mse",
-                 fixed_logit_scale: float | None = None):
+                 fixed_logit_scale: float | None = None, fusion_weight: float = 0.0):
         super().__init__()
         self.cfg = LossConfig(affinity_weight=affinity_weight, clip_weight=clip_weight,
                               feature_weight=feature_weight, feature_kind=feature_kind,
-                              fixed_logit_scale=fixed_logit_scale)
+                              fixed_logit_scale=fixed_logit_scale, fusion_weight=fusion_weight)
         self.cfg.validate()
         self.affinity_weight = affinity_weight
         self.clip_weight = clip_weight
         self.feature_weight = feature_weight
         self.feature_kind = feature_kind
         self.fixed_logit_scale = fixed_logit_scale
+        self.fusion_weight = fusion_weight
+        self.fused_feature = FusedFeature()
 
     @classmethod
     def from_config(cls, cfg: LossConfig) -> "DistillationLoss":
         return cls(affinity_weight=cfg.affinity_weight, clip_weight=cfg.clip_weight,
                    feature_weight=cfg.feature_weight, feature_kind=cfg.feature_kind,
-                   fixed_logit_scale=cfg.fixed_logit_scale)
+                   fixed_logit_scale=cfg.fixed_logit_scale, fusion_weight=cfg.fusion_weight)
 
     @property
     def needs_teacher(self) -> bool:
@@ -121,8 +127,11 @@ class DistillationLoss(nn.Module):
             terms["feature"] = sum(
                 self._feature_distance(student.get(f"{kind}_projected", student[kind]).float(),
                                        teacher[kind]) for kind in ("image_features", "text_features")) / 2
+        if self.fusion_weight > 0:  # the fusion head's output (training/fusion.py)
+            ids = local_and_global_ids(s_img.shape[0], s_img.device)
+            terms["fused_feature"] = self.fused_feature(TermInputs(student, teacher, *ids))
         weights = {"affinity": self.affinity_weight, "clip": self.clip_weight,
-                   "feature": self.feature_weight}
+                   "feature": self.feature_weight, "fused_feature": self.fusion_weight}
         total = sum(weights[name] * value for name, value in terms.items())
         return {"loss": total, **{name: value.detach() for name, value in terms.items()}}
 

@@ -157,6 +157,10 @@ class ModelSpec:
         again, and return it."""
         raise NotImplementedError
 
+    # A student whose text tower is the teacher's, frozen (LitSpec): it takes the teacher's text
+    # features in training instead of computing them a second time.
+    text_from_teacher: bool = False
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.source!r})"
 
@@ -216,7 +220,81 @@ class OpenClipSpec(ModelSpec):
                                        tokenizer_dir=self.base_dir)
 
 
-SPEC_KINDS: dict[str, type[ModelSpec]] = {OpenClipSpec.kind: OpenClipSpec}
+class LitSpec(ModelSpec):
+    """`lit:STUDENT`: LiT ("locked-image tuning", here locked TEXT): the student STUDENT (any
+    spec) whose text tower is the teacher's, frozen. STUDENT's text tower must be the teacher's
+    architecture (an open_clip config with the teacher's `text_cfg` and `embed_dim`: the
+    vision tower projects into the teacher's embedding space); `freeze_text_tower` copies the
+    teacher's weights into it and freezes it. Everything else (build, preprocessing, tokenizer,
+    export) is STUDENT's, so the export is an ordinary model of STUDENT's kind (open_clip format
+    for an open_clip config) that evaluation and the next stage load strictly.
+
+    The text tower is every parameter and buffer outside `visual.` except the logit scale and
+    bias (open_clip's CLIP and CustomTextCLIP layouts), which stay the student's own, trainable.
+    """
+
+    kind = "lit"
+    text_from_teacher = True
+    OWN_KEYS = ("logit_scale", "logit_bias")
+
+    def __init__(self, source: str):
+        super().__init__(source)
+        self.inner = model_spec(source)
+        self.name = self.inner.name
+
+    @property
+    def model_cfg(self) -> dict:
+        return self.inner.model_cfg
+
+    @property
+    def embed_dim(self) -> int:
+        return self.inner.embed_dim
+
+    @property
+    def preprocess_cfg(self) -> dict:
+        return self.inner.preprocess_cfg
+
+    @property
+    def tokenizer(self) -> TextTokenizer:
+        return self.inner.tokenizer
+
+    def build(self, precision: str = "fp32", device: str | torch.device = "cpu",
+              pretrained: str | None = None) -> nn.Module:
+        return self.inner.build(precision=precision, device=device, pretrained=pretrained)
+
+    def export(self, state: dict[str, torch.Tensor], out_dir: str | os.PathLike) -> Path:
+        return self.inner.export(state, out_dir)
+
+    def check_teacher(self, teacher: ModelSpec) -> None:
+        """One-line ValueError when `teacher`'s text tower cannot be this student's."""
+        if not self.tokenizer.same_ids_as(teacher.tokenizer):
+            raise ValueError(f"model.student lit:{self.source}: its tokenizer is not the "
+                             f"teacher's ({teacher.source}); give it the teacher's text_cfg")
+        if self.embed_dim != teacher.embed_dim:
+            raise ValueError(f"model.student lit:{self.source}: embed_dim {self.embed_dim} is not "
+                             f"the teacher's {teacher.embed_dim} (the vision tower must project "
+                             f"into the teacher's text space)")
+
+    @classmethod
+    def text_keys(cls, state: dict) -> list[str]:
+        return [k for k in state if not k.startswith("visual.") and k not in cls.OWN_KEYS]
+
+    def freeze_text_tower(self, model: nn.Module, teacher_state: dict[str, torch.Tensor]) -> None:
+        """Copy the teacher's text tower into `model` (shapes checked: one-line ValueError) and
+        freeze it (requires_grad False)."""
+        own = model.state_dict()
+        keys = self.text_keys(own)
+        text = models.fit_state_dict({k: own[k].shape for k in keys},
+                                     {k: teacher_state[k] for k in keys if k in teacher_state},
+                                     f"the teacher's text tower for lit:{self.source}")
+        model.load_state_dict(text, strict=False)
+        frozen = set(keys)
+        for name, param in model.named_parameters():
+            if name in frozen:
+                param.requires_grad_(False)
+
+
+SPEC_KINDS: dict[str, type[ModelSpec]] = {OpenClipSpec.kind: OpenClipSpec, LitSpec.kind: LitSpec}
 
 
 def model_spec(source: str | os.PathLike | ModelSpec) -> ModelSpec:

@@ -3,6 +3,7 @@
     task = DistillationTask(student, student_spec, heads={"projection": FeatureProjection(64, 512)})
     out = task(images, texts)          # the student's outputs, plus what each head adds
     task.param_groups(weight_decay)    # AdamW groups, the heads' and the student's own included
+                                       # (+ named groups with their own rate: optim.param_groups)
     task.regularization(step), task.metrics(step)
     DistillationTask.student_state(state_dict)   # the student's weights alone, for export
 
@@ -19,7 +20,7 @@ torch's `get_extra_state` / `set_extra_state`, so it rides in the same state dic
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -84,11 +85,15 @@ class DistillationTask(nn.Module):
         self.student = student
         self.heads = nn.ModuleDict(dict(heads or {}))
 
-    def forward(self, images: torch.Tensor | None, texts: torch.Tensor | None
-                ) -> dict[str, torch.Tensor]:
+    def forward(self, images: torch.Tensor | None, texts: torch.Tensor | None,
+                text_features: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The student's outputs (open_clip's dict: image_features, text_features, 0-dim
-        logit_scale) plus every head's entries."""
-        outputs = models.encode(self.student, images, texts)
+        logit_scale) plus every head's entries. `text_features`: the text tower's output
+        computed elsewhere, used instead of running it (a LiT student, whose frozen text tower
+        is the teacher's: the teacher source computed them, training/trainer.py)."""
+        outputs = models.encode(self.student, images, None if text_features is not None else texts)
+        if text_features is not None:
+            outputs["text_features"] = text_features
         for head in self.heads.values():
             outputs.update(head(outputs))
         return outputs
@@ -109,20 +114,37 @@ class DistillationTask(nn.Module):
             values.update(hooks.metrics(step))
         return values
 
-    def param_groups(self, weight_decay: float) -> list[dict]:
+    def param_groups(self, weight_decay: float, named: Sequence[dict] = ()) -> list[dict]:
         """AdamW groups over the trainable parameters (frozen ones stay out): the parts' own
         groups, then decay (matrices) and no decay (gains, biases, norms, logit scale), both on
-        the model's schedule."""
+        the model's schedule. `named`: groups with their own rate, each {"name", "names" (the
+        parameter names it takes), "lr" (None: the optimizer's), "weight_decay" (None: the
+        default)}, split into "<name>" (decay) and "<name>.no_decay". Empty groups are left out."""
         own = [group for hooks in self._hooks() for group in hooks.extra_param_groups()]
         taken = {id(p) for group in own for p in group["params"]}
-        decay, no_decay = [], []
-        for name, param in self.named_parameters():
-            if param.requires_grad and id(param) not in taken:
-                (decay if wants_weight_decay(name, param) else no_decay).append(param)
-        return [{"name": "decay", "params": decay, "weight_decay": weight_decay,
-                 "schedule": "model"},
-                {"name": "no_decay", "params": no_decay, "weight_decay": 0.0,
-                 "schedule": "model"}, *own]
+        params = dict(self.named_parameters())
+        split = {}
+        for spec in [*named, {"name": None, "names": list(params)}]:  # the default group last
+            halves = split[spec["name"]] = ([], [])
+            for name in spec["names"]:
+                param = params[name]
+                if param.requires_grad and id(param) not in taken:
+                    halves[0 if wants_weight_decay(name, param) else 1].append(param)
+                    taken.add(id(param))
+        decay, no_decay = split[None]
+        groups = [{"name": "decay", "params": decay, "weight_decay": weight_decay,
+                   "schedule": "model"},
+                  {"name": "no_decay", "params": no_decay, "weight_decay": 0.0,
+                   "schedule": "model"}]
+        for spec in named:
+            rate = {} if spec.get("lr") is None else {"lr": spec["lr"]}
+            decay_rate = weight_decay if spec.get("weight_decay") is None else spec["weight_decay"]
+            decay, no_decay = split[spec["name"]]
+            groups += [{"name": spec["name"], "params": decay, "weight_decay": decay_rate,
+                        "schedule": "model", **rate},
+                       {"name": f"{spec['name']}.no_decay", "params": no_decay,
+                        "weight_decay": 0.0, "schedule": "model", **rate}]
+        return [group for group in groups if group["params"]] + own  # DeepSpeed: none empty
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Activation checkpointing of the student's towers (open_clip's switch)."""

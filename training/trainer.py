@@ -33,22 +33,24 @@ import torch
 import torch.distributed as dist
 
 from training import models
-from training.accumulation import with_live_micro_batch
+from training.accumulation import feature_cached_passes, running_stat_buffers
 from training.checkpoint import (CheckpointManager, DataPosition, RngStates, TrainState,
                                  check_resume, check_total_steps, resolve_resume,
                                  resume_accumulation, tag_for_step)
 from training.config import TrainConfig, save_config, to_dict
 from training.data import build_train_loader
 from training.data.sources import parse_sources
-from training.distributed import all_reduce_flag, barrier, init_distributed, rank_info_from_env
+from training.distributed import (all_reduce_flag, average_across_ranks, barrier,
+                                  init_distributed, rank_info_from_env)
 from training.engine import build_engine, deepspeed_config
 from training.export import export_checkpoint
 from training.files import write_json_atomic
+from training.fusion import build_fusion
 from training.losses import DistillationLoss
 from training.metrics import MetricsLogger
 from training.optim import continue_schedule, group_settings, restore_group_settings
 from training.run_lock import RunLock
-from training.specs import build_student, model_spec
+from training.specs import build_student, build_teacher, model_spec
 from training.task import DistillationTask, FeatureProjection
 from training.teachers import build_teacher_source
 
@@ -91,6 +93,8 @@ class Trainer:
         seed_everything(cfg.seed)  # same student init on every rank
         student = self.build_student()
         self.teacher = build_teacher_source(cfg.model, self.device, cfg.data)
+        if self.student_spec.text_from_teacher:
+            self.lock_text_tower(student)
         self.task = self.build_task(student)
         self.loss_fn = DistillationLoss.from_config(cfg.loss)
         self.train_state, self.data_position = TrainState(), DataPosition()
@@ -120,7 +124,9 @@ class Trainer:
         self.lock.acquire()
         self.student_spec = model_spec(cfg.model.student)
         if cfg.model.teacher:
-            model_spec(cfg.model.teacher)
+            teacher_spec = model_spec(cfg.model.teacher)
+            if self.student_spec.text_from_teacher:
+                self.student_spec.check_teacher(teacher_spec)
         parse_sources(cfg.data.train, cfg.data.train_weights)  # local shards exist
         world_size = rank_info_from_env(dict(os.environ), cfg.deepspeed.backend).world_size
         tag_dir = resolve_resume(cfg.run_dir, cfg.checkpoint.resume)
@@ -155,6 +161,15 @@ class Trainer:
         return build_masked_student(cfg.student, cfg.student_init, mask.target_sparsity,
                                     mask.start_sparsity, mask.warmup_steps, lr=mask.lr)
 
+    def lock_text_tower(self, student: torch.nn.Module) -> None:
+        """A LiT student (`lit:`): the teacher's text tower copied in and frozen: the live
+        teacher's very weights, or model.teacher_pretrained's (stored embeddings: no model)."""
+        cfg = self.cfg.model
+        teacher = getattr(self.teacher, "model", None)
+        if teacher is None:
+            teacher = build_teacher(cfg.teacher, cfg.teacher_pretrained)[0]
+        self.student_spec.freeze_text_tower(student, teacher.state_dict())
+
     def build_task(self, student: torch.nn.Module) -> DistillationTask:
         """The student and its trainable heads, as the one module the engine wraps: a feature
         projection when feature distillation joins models of different widths."""
@@ -162,6 +177,9 @@ class Trainer:
         teacher_dim = self.teacher.embed_dim if self.teacher is not None else None
         if self.cfg.loss.feature_weight > 0 and teacher_dim != self.student_spec.embed_dim:
             heads["projection"] = FeatureProjection(self.student_spec.embed_dim, teacher_dim)
+        if self.cfg.model.fusion is not None:  # KDEOV's FiLM / cross-attention (training/fusion.py)
+            heads["fusion"] = build_fusion(self.cfg.model.fusion, self.student_spec.embed_dim,
+                                           teacher_dim)
         return models.make_deepspeed_safe(DistillationTask(student, heads))
 
     def make_loader(self, epoch: int, skip_batches: int = 0):
@@ -242,16 +260,15 @@ class Trainer:
 
     def train_step(self, micro_batches: list[dict]) -> dict[str, torch.Tensor]:
         """One optimizer step over the micro-batches; the gradient is the full batch's."""
-        lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
+        rates = dict(zip((g["name"] for g in self.scheduler.optimizer.param_groups),
+                         self.scheduler.get_last_lr()))  # the rates this step uses
         micro_batches = [self.to_device(mb) for mb in micro_batches]  # once, not per pass
         teacher = self.teacher_outputs(micro_batches)
-        cached, regularization = None, {}
-        if len(micro_batches) > 1:
-            with torch.no_grad():
-                cached = [self.student_outputs(mb) for mb in micro_batches]
-        for index, micro_batch in enumerate(micro_batches):
-            live = self.student_outputs(micro_batch)
-            student = live if cached is None else with_live_micro_batch(cached, live, index)
+        if self.student_spec.text_from_teacher:
+            self.share_text_features(micro_batches, teacher)
+        regularization = {}
+        for index, student in feature_cached_passes(self.student_outputs, micro_batches,
+                                                    self.task, self.device):
             losses = self.loss_fn(student, teacher)
             loss = losses["loss"]
             if index == 0:  # batch-independent terms: counted once per optimizer step
@@ -259,10 +276,16 @@ class Trainer:
                 loss = loss + sum(regularization.values())
             self.engine.backward(loss, scale_wrt_gas=False)  # each pass is the full-batch loss
             self.engine.step()
+        # BatchNorm's running statistics: each rank saw its own micro-batches; keep one model
+        # (evaluation splits a set over ranks, the export is rank 0's): their mean over ranks.
+        average_across_ranks(running_stat_buffers(self.task))
         losses.update({f"loss_{name}": value for name, value in regularization.items()})
         losses.update(self.task.metrics(self.train_state.step))
         losses.update(self.loss_fn.scales_used(student, teacher))
-        losses["lr"] = torch.tensor(lr, dtype=torch.float64)
+        losses["lr"] = torch.tensor(rates.get("decay", self.scheduler.get_last_lr()[0]),
+                                    dtype=torch.float64)
+        losses.update({f"lr/{group.name}": torch.tensor(rates[group.name], dtype=torch.float64)
+                       for group in self.cfg.optim.param_groups if group.name in rates})
         return {k: v.detach() for k, v in losses.items()}
 
     def to_device(self, batch: dict) -> dict:
@@ -279,7 +302,20 @@ class Trainer:
         return out
 
     def student_outputs(self, batch: dict) -> dict:
+        if "frozen_text_features" in batch:  # a LiT student: the teacher's text features
+            return self.engine(batch["image"], None, text_features=batch["frozen_text_features"])
         return self.engine(batch["image"], batch["text"])
+
+    @staticmethod
+    def share_text_features(micro_batches: list[dict], teacher: dict) -> None:
+        """A LiT student's text tower IS the teacher's (frozen, same weights and ids): each
+        micro-batch takes its rows of the teacher's text features, computed once per step by the
+        teacher source, instead of running the same tower again (twice with feature caching)."""
+        start = 0
+        for batch in micro_batches:
+            rows = batch["image"].shape[0]
+            batch["frozen_text_features"] = teacher["text_features"][start:start + rows]
+            start += rows
 
     def teacher_outputs(self, micro_batches: list[dict]) -> Optional[dict]:
         return self.teacher.outputs(micro_batches) if self.teacher is not None else None

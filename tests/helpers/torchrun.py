@@ -13,6 +13,7 @@ the tail of the combined output, so a failing test shows the rank's traceback.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -34,6 +35,16 @@ CPU_GLOO_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     "PYTHONUNBUFFERED": "1",
 }
+
+
+def worker_args(*names: str) -> tuple[argparse.Namespace, Path, int]:
+    """In a worker script run by run_torchrun: its required `--NAME` options plus `--out`, the
+    output folder and this rank."""
+    parser = argparse.ArgumentParser()
+    for name in (*names, "out"):
+        parser.add_argument(f"--{name}", required=True)
+    args = parser.parse_args()
+    return args, Path(args.out), int(os.environ["RANK"])
 
 
 class TorchrunError(AssertionError):

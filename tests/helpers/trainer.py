@@ -3,6 +3,7 @@
     overrides = tiny_overrides(shards["train_shards"], run_dir, steps=6)
     cfg = load_config("configs/tiny-distill.yaml", overrides + ["deepspeed.zero_stage=2"])
     losses = step_losses(run_dir)            # {step: loss} from metrics.jsonl (last record wins)
+    pairs = optimizer_gradients(trainer, micro_batches)  # (param, grad) the optimizer's step sees
 """
 from __future__ import annotations
 
@@ -44,3 +45,21 @@ def probe_batch(image_size: int = 64, context_length: int = 32, n: int = 4) -> t
     texts = torch.randint(1, 1000, (n, context_length), generator=generator)
     texts[:, -1] = 49407  # an end-of-text token: open_clip pools at the argmax token
     return images, texts
+
+
+def optimizer_gradients(trainer, micro_batches: list[dict]) -> list[tuple]:
+    """(parameter, gradient) pairs the optimizer sees at the trainer's next step (an optimizer
+    step pre-hook around `trainer.train_step`; ZeRO 1-2 show their flat fp32 partitions)."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+    pairs = []
+
+    def capture(optimizer, _args, _kwargs):
+        pairs.extend((p, p.grad.detach().float().clone()) for group in optimizer.param_groups
+                     for p in group["params"] if p.grad is not None)
+
+    handle = register_optimizer_step_pre_hook(capture)
+    try:
+        trainer.train_step(micro_batches)
+    finally:
+        handle.remove()
+    return pairs

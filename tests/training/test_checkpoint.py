@@ -104,6 +104,9 @@ def saved_run(tmp_path, world_size=1, **changes) -> tuple[str, dict]:
     ("deepspeed.zero_stage", 1), ("deepspeed.precision", "bf16"),
     ("model.student", "Tiny-ViT-Teacher"),
     ("model.teacher", None), ("seed", 3), ("data.train", "y.tar"),
+    ("model.fusion", {"kind": "film", "hidden": None, "heads": 1}),
+    ("optim.param_groups", [{"name": "heads", "match": ["heads.*"], "lr": 2e-3,
+                             "weight_decay": None}]),
 ])
 def test_resume_refuses_a_changed_setting_in_one_line_naming_it(tmp_path, key, value):
     tag, config = saved_run(tmp_path)

@@ -106,8 +106,8 @@ def test_saved_config_round_trips(minimal_yaml, tmp_path):
 def test_shipped_recipes_validate(recipe):
     cfg = load_config(str(recipe), ["data.train=/data/shard-{0..9}.tar",
                                     "model.teacher_pretrained=null"], cuda_available=True)
-    from training.models import resolve_model_name
-    assert resolve_model_name(cfg.model.student)  # the student's model config exists
+    from training.specs import model_spec
+    assert model_spec(cfg.model.student).name  # the student's model config exists
     if "tinyclip" in recipe.name:
         assert cfg.model.teacher == "ViT-B-32" and cfg.loss.fixed_logit_scale == 50
         assert cfg.optim.weight_decay == 0.2 and cfg.optim.grad_clip == 5.0

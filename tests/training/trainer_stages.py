@@ -10,15 +10,13 @@ Each rank writes OUT/rank<r>.json and OUT/probe-<run>-rank<r>.pt; the test asser
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
 from pathlib import Path
 
 import torch
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from tests.helpers.trainer import TINY_DISTILL, probe_batch, tiny_overrides
+from tests.helpers.torchrun import worker_args
+from tests.helpers.trainer import TINY_DISTILL, optimizer_gradients, probe_batch, tiny_overrides
 from training import models
 from training.config import load_config
 from training.trainer import Trainer
@@ -64,18 +62,7 @@ class NaiveAccumulationTrainer(Trainer):
 
 def captured_gradient(trainer: Trainer, micro_batches: list[dict]) -> list:
     """The gradients the optimizer sees at the trainer's next step."""
-    grads = []
-
-    def capture(optimizer, _args, _kwargs):
-        grads.extend(p.grad.detach().float().clone() for group in optimizer.param_groups
-                     for p in group["params"] if p.grad is not None)
-
-    handle = register_optimizer_step_pre_hook(capture)
-    try:
-        trainer.train_step(micro_batches)
-    finally:
-        handle.remove()
-    return grads
+    return [grad for _, grad in optimizer_gradients(trainer, micro_batches)]
 
 
 def relative_difference(a: list, b: list) -> float:
@@ -105,11 +92,7 @@ def accumulation_run(stage: int, shards: str, out: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--shards", required=True)
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args()
-    out, rank = Path(args.out), int(os.environ["RANK"])
+    args, out, rank = worker_args("shards")
     results = {"runs": {name: train_run(name, extra, args.shards, out, rank)
                         for name, extra in RUNS.items()},
                "accumulation": {f"zero{stage}": accumulation_run(stage, args.shards, out)
