@@ -35,7 +35,7 @@ STUDENTS = {  # name: (recipe, extra overrides, extra overrides from scratch)
     # KDEOV distilled is the LiT student (the teacher's text tower); from scratch there is no
     # teacher to lend one: the same shape trains both towers, without the fusion head
     "KDEOV-Tiny": ("configs/kdeov-tiny.yaml", [], [
-        "model.student=Tiny-KDEOV-Student", "model.fusion=null", "loss.fusion_weight=0",
+        "model.student=Tiny-KDEOV-Student", "model.fusion=null", "loss.terms.fused_feature.weight=0",
         "optim.param_groups=[]"]),
     "Tiny-ViT-Student (TinyCLIP ViT)": ("configs/tiny-distill.yaml", [], []),
     "Inherit-Tiny-RN-Student (TinyCLIP ResNet)": (

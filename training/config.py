@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING, OmegaConf
 
@@ -79,7 +79,8 @@ FUSION_KINDS = ("film", "cross_attention")
 
 @dataclass
 class FusionConfig:
-    """KDEOV's text-visual fusion head (training/fusion.py), trained by loss.fusion_weight."""
+    """KDEOV's text-visual fusion head (training/fusion.py), trained by the fused_feature term
+    (loss.terms.fused_feature)."""
     kind: str = "film"  # film | cross_attention
     hidden: Optional[int] = None  # film: width of the gamma/beta MLP (None: the feature width)
     heads: int = 1  # cross_attention: attention heads (must divide the feature width)
@@ -179,29 +180,46 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    affinity_weight: float = 1.0  # TinyCLIP affinity mimicking (needs a teacher)
+    """The objective: named terms (training/objectives/, docs/objectives.md), weighted, summed.
+
+    terms: {name: {weight: W, ...options}}; W a number or a schedule over optimizer steps
+    ({kind: linear, ...} / {kind: steps, ...}, training/objectives/schedules.py). The *_weight
+    keys are shorthand for the affinity, clip and feature terms (feature_kind: the feature
+    term's kind); affinity_weight left unset means 1.0 unless loss.terms names the terms.
+    """
+    affinity_weight: Optional[float] = None  # TinyCLIP affinity mimicking (needs a teacher)
     clip_weight: float = 0.0  # ground-truth contrastive loss
     feature_weight: float = 0.0  # feature distillation (needs a teacher)
     feature_kind: str = "mse"  # mse | cosine
-    fusion_weight: float = 0.0  # fused_feature: model.fusion's output vs the teacher's images
     fixed_logit_scale: Optional[float] = None  # e.g. 50: force both scales (TinyCLIP recipes)
+    terms: Dict[str, Any] = field(default_factory=dict)  # {name: {weight: W, ...options}}
+    balance: str = "none"  # none | uncertainty | loss_ratio (training/objectives/balance.py)
 
-    WEIGHTS = ("affinity_weight", "clip_weight", "feature_weight", "fusion_weight")
+    WEIGHTS = ("affinity_weight", "clip_weight", "feature_weight")
+
+    def active_terms(self) -> dict:
+        """{name: (weight schedule, term)}: the configured terms, checked (ConfigError)."""
+        from training.objectives import configured_terms
+        return configured_terms(self)
 
     @property
     def needs_teacher(self) -> bool:
-        return self.affinity_weight > 0 or self.feature_weight > 0 or self.fusion_weight > 0
+        return any(term.needs_teacher for _, term in self.active_terms().values())
 
     def validate(self) -> None:
+        from training.objectives.balance import BALANCE_MODES
         for name in self.WEIGHTS:
-            _require(getattr(self, name) >= 0, f"loss.{name}", "must be >= 0")
-        _require(any(getattr(self, name) > 0 for name in self.WEIGHTS), "loss",
-                 "all weights are 0 (affinity_weight, clip_weight, feature_weight, "
-                 "fusion_weight): nothing to train")
+            value = getattr(self, name)
+            _require(value is None or value >= 0, f"loss.{name}", "must be >= 0")
         _require(self.feature_kind in FEATURE_KINDS, "loss.feature_kind",
                  f"must be one of {FEATURE_KINDS}, got {self.feature_kind!r}")
         _require(self.fixed_logit_scale is None or self.fixed_logit_scale > 0,
                  "loss.fixed_logit_scale", "must be > 0 or null")
+        _require(self.balance in BALANCE_MODES, "loss.balance",
+                 f"must be one of {BALANCE_MODES}, got {self.balance!r}")
+        _require(bool(self.active_terms()), "loss",
+                 "all weights are 0 (affinity_weight, clip_weight, feature_weight, "
+                 "loss.terms): nothing to train")
 
 
 @dataclass
@@ -353,16 +371,19 @@ class TrainConfig:
         self.deepspeed.validate(cuda)
         for section in (self.loss, self.optim, self.checkpoint, self.log, self.eval):
             section.validate()
-        _require(not self.loss.needs_teacher or self.model.teacher is not None, "model.teacher",
-                 "missing, but loss.affinity_weight, feature_weight or fusion_weight > 0 needs "
-                 "a teacher "                 "(set those to 0 for plain CLIP training)")
-        _require(not self.model.ensemble or self.loss.feature_weight == 0, "loss.feature_weight",
-                 "must be 0 with model.ensemble (feature distillation needs one teacher)")
-        _require((self.model.fusion is None) == (self.loss.fusion_weight == 0),
-                 "loss.fusion_weight", "must be > 0 exactly when model.fusion is set (the fusion "
-                 "head's only gradient comes from the fused_feature term)")
-        _require(not self.model.ensemble or self.loss.fusion_weight == 0, "loss.fusion_weight",
-                 "must be 0 with model.ensemble (the fused_feature term needs one teacher)")
+        terms = self.loss.active_terms()
+        teacher_terms = [name for name, (_, term) in terms.items() if term.needs_teacher]
+        _require(not teacher_terms or self.model.teacher is not None, "model.teacher",
+                 f"missing, but the loss term(s) {', '.join(teacher_terms)} need a teacher "
+                 f"(set loss.affinity_weight=0 and use the clip term for plain CLIP training)")
+        single = [name for name, (_, term) in terms.items() if term.single_teacher]
+        _require(not self.model.ensemble or not single, "loss.terms",
+                 f"the {', '.join(single)} term(s) need one teacher, not model.ensemble "
+                 f"(the affinity term averages an ensemble)")
+        fusion_term = "fused_feature" in terms
+        _require((self.model.fusion is None) != fusion_term, "loss.terms.fused_feature",
+                 "must be set (weight > 0) exactly when model.fusion is set (the fusion head's "
+                 "only gradient comes from the fused_feature term)")
         if self.model.mask is not None:
             # The masked forward reads the blocks' weights itself: ZeRO-3's per-module
             # gathering never runs, and its activation checkpointing switch does not exist.

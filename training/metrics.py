@@ -27,12 +27,11 @@ WANDB_ID_FILE = "wandb_run_id"
 HEARTBEAT_FILE = "running.json"
 
 
-# DistillationLoss's terms; a masked student's regularisers arrive as loss_<name>.
-LOSS_TERMS = ("loss", "affinity", "clip", "feature")
-
-
 def is_loss(key: str) -> bool:
-    return key in LOSS_TERMS or key.startswith("loss_")
+    """The total, a loss term by its registered name (training/objectives), or a regulariser
+    (a masked student's arrive as loss_<name>)."""
+    from training.objectives import TERMS
+    return key == "loss" or key in TERMS or key.startswith("loss_")
 
 
 def format_duration(seconds: float) -> str:

@@ -9,7 +9,7 @@ heads, training/task.py), the loss, the DeepSpeed engine, the checkpoints and th
 restores a checkpoint when asked; then `train()` runs optimizer steps until `total_steps`:
 
     micro-batches -> teacher outputs (no grad) -> task forward (student + heads)
-                  -> DistillationLoss + the task's regularizers -> engine.backward -> engine.step
+                  -> DistillationLoss (training/objectives) + the task's regularizers -> engine.backward -> engine.step
 
 with exact feature-cached gradient accumulation (training/accumulation.py). Each component is an
 attribute built by one method, so a subclass or a test can swap any of them.
@@ -46,12 +46,12 @@ from training.engine import build_engine, deepspeed_config
 from training.export import export_checkpoint
 from training.files import write_json_atomic
 from training.fusion import build_fusion
-from training.losses import DistillationLoss
 from training.metrics import MetricsLogger
+from training.objectives import DistillationLoss, TermModels
 from training.optim import continue_schedule, group_settings, restore_group_settings
 from training.run_lock import RunLock
 from training.specs import build_student, build_teacher, model_spec
-from training.task import DistillationTask, FeatureProjection
+from training.task import DistillationTask
 from training.teachers import build_teacher_source
 
 log = logging.getLogger("training")
@@ -95,8 +95,8 @@ class Trainer:
         self.teacher = build_teacher_source(cfg.model, self.device, cfg.data)
         if self.student_spec.text_from_teacher:
             self.lock_text_tower(student)
-        self.task = self.build_task(student)
         self.loss_fn = DistillationLoss.from_config(cfg.loss)
+        self.task = self.build_task(student)
         self.train_state, self.data_position = TrainState(), DataPosition()
         self.steps_per_epoch = len(self.make_loader(epoch=0)) // cfg.optim.grad_accum_steps
         self.total_steps = cfg.optim.total_steps or cfg.optim.epochs * self.steps_per_epoch
@@ -171,16 +171,18 @@ class Trainer:
         self.student_spec.freeze_text_tower(student, teacher.state_dict())
 
     def build_task(self, student: torch.nn.Module) -> DistillationTask:
-        """The student and its trainable heads, as the one module the engine wraps: a feature
-        projection when feature distillation joins models of different widths."""
-        heads = {}
+        """The student and the trainable heads the loss's terms need, as the one module the
+        engine wraps (e.g. a feature projection between models of different widths, a learned
+        temperature, the uncertainty balancer's log-variances, intermediate blocks' alignment
+        MLPs), with the token-level outputs the terms read; plus model.fusion's head."""
         teacher_dim = self.teacher.embed_dim if self.teacher is not None else None
-        if self.cfg.loss.feature_weight > 0 and teacher_dim != self.student_spec.embed_dim:
-            heads["projection"] = FeatureProjection(self.student_spec.embed_dim, teacher_dim)
+        heads, token_outputs = self.loss_fn.task_parts(
+            TermModels(student, self.teacher, self.student_spec.embed_dim, teacher_dim))
         if self.cfg.model.fusion is not None:  # KDEOV's FiLM / cross-attention (training/fusion.py)
             heads["fusion"] = build_fusion(self.cfg.model.fusion, self.student_spec.embed_dim,
                                            teacher_dim)
-        return models.make_deepspeed_safe(DistillationTask(student, heads))
+        task = DistillationTask(student, heads, token_outputs=token_outputs)
+        return models.make_deepspeed_safe(task)
 
     def make_loader(self, epoch: int, skip_batches: int = 0):
         """This rank's loader for one epoch, from `skip_batches` on (cheap: built per epoch).
@@ -269,7 +271,7 @@ class Trainer:
         regularization = {}
         for index, student in feature_cached_passes(self.student_outputs, micro_batches,
                                                     self.task, self.device):
-            losses = self.loss_fn(student, teacher)
+            losses = self.loss_fn(student, teacher, step=self.train_state.step)
             loss = losses["loss"]
             if index == 0:  # batch-independent terms: counted once per optimizer step
                 regularization = self.task.regularization(self.train_state.step)
@@ -281,7 +283,7 @@ class Trainer:
         average_across_ranks(running_stat_buffers(self.task))
         losses.update({f"loss_{name}": value for name, value in regularization.items()})
         losses.update(self.task.metrics(self.train_state.step))
-        losses.update(self.loss_fn.scales_used(student, teacher))
+        losses.update(self.loss_fn.scales_used(student, teacher, self.train_state.step))
         losses["lr"] = torch.tensor(rates.get("decay", self.scheduler.get_last_lr()[0]),
                                     dtype=torch.float64)
         losses.update({f"lr/{group.name}": torch.tensor(rates[group.name], dtype=torch.float64)
@@ -368,7 +370,7 @@ class Trainer:
     def checkpoint_parts(self) -> dict:
         """What a checkpoint holds besides the engine's module, optimizer and scheduler."""
         return {"train_state": self.train_state, "data_position": self.data_position,
-                "rng": RngStates()}
+                "rng": RngStates(), **self.loss_fn.checkpoint_parts()}
 
     def run_record(self) -> dict:
         """The JSON facts of this run a resume is checked against (checkpoint.check_resume)."""

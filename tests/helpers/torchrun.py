@@ -124,3 +124,21 @@ def kill_process_tree(pid: int) -> None:
 
 def _tail(text: str, max_chars: int = 6000) -> str:
     return text if len(text) <= max_chars else "...\n" + text[-max_chars:]
+
+
+def start_worker(timeout_s: int = 60):
+    """In a worker script started by run_torchrun with `--data DIR --out DIR`: parse them, join
+    the process group and load DIR/inputs.pt. Returns (rank info, inputs, data dir, out dir)."""
+    import argparse
+
+    import torch
+
+    from training.distributed import init_distributed
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    info = init_distributed(timeout_s=timeout_s)
+    inputs = torch.load(Path(args.data) / "inputs.pt", weights_only=False)
+    return info, inputs, Path(args.data), Path(args.out)

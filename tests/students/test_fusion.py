@@ -11,7 +11,7 @@ from tests.helpers.trainer import probe_batch, step_losses
 from training.accumulation import feature_cached_passes
 from training.config import ConfigError, FusionConfig, load_config
 from training.fusion import CrossAttentionFusion, FiLMFusion, build_fusion
-from training.losses import DistillationLoss
+from training.objectives import DistillationLoss
 from training.objectives.base import TERMS, TermInputs
 from training.task import DistillationTask
 from tests.students.test_param_groups import task as tiny_task
@@ -84,7 +84,7 @@ def test_accumulation_with_a_fusion_head_is_exact(kind):
     images, texts = probe_batch(n=8)
     torch.manual_seed(1)
     teacher = {**features(n=8, dim=64, seed=4), "logit_scale": torch.tensor(50.0)}
-    loss_fn = DistillationLoss(affinity_weight=1.0, fusion_weight=0.5)
+    loss_fn = DistillationLoss(affinity_weight=1.0, terms={"fused_feature": {"weight": 0.5}})
 
     def fused_task() -> DistillationTask:
         model = tiny_task()
@@ -111,9 +111,9 @@ def test_accumulation_with_a_fusion_head_is_exact(kind):
 
 
 @pytest.mark.parametrize("overrides, key", [
-    (["loss.fusion_weight=0"], "loss.fusion_weight"),
+    (["loss.terms.fused_feature.weight=0"], "loss.terms.fused_feature"),
     (["model.fusion.kind=gated"], "model.fusion.kind"),
-    (["model.fusion=null"], "loss.fusion_weight"),
+    (["model.fusion=null"], "loss.terms.fused_feature"),
     (["model.fusion.heads=0"], "model.fusion.heads"),
 ])
 def test_fusion_settings_are_checked_in_one_line(overrides, key, teacher_file):

@@ -73,7 +73,7 @@ def test_lit_needs_a_teacher_and_with_stored_embeddings_its_weights():
     common = ["data.train=x", "model.teacher_pretrained=null"]
     with pytest.raises(ConfigError, match="key model.teacher: required with model.student=lit:"):
         load_config(recipe, common + ["model.teacher=null", "loss.affinity_weight=0",
-                                      "loss.clip_weight=1", "loss.fusion_weight=0",
+                                      "loss.clip_weight=1", "loss.terms.fused_feature.weight=0",
                                       "model.fusion=null"])
     with pytest.raises(ConfigError, match="key model.teacher_pretrained: required with "
                                           "model.student=lit:.* and stored embeddings"):

@@ -6,15 +6,13 @@ real DeepSpeed engine (ZeRO-0, fp32, gradient clipping), runs forward, the distr
 engine.backward (which averages gradients over ranks), and saves the gradients to OUT/rank{R}.pt.
 It also records what the collectives return, for the test to check.
 """
-import argparse
-from pathlib import Path
-
 import deepspeed
 import torch
 import torch.distributed as dist
 
-from training.distributed import all_reduce_flag, gather_with_grad, init_distributed
-from training.losses import DistillationLoss
+from tests.helpers.torchrun import start_worker
+from training.distributed import all_reduce_flag, gather_with_grad
+from training.objectives import DistillationLoss
 from training.models import encode, make_deepspeed_safe
 from training.specs import build_student
 
@@ -51,18 +49,13 @@ def run_case(case: dict, inputs: dict, student_file: str, rank: int, world: int)
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args()
-    info = init_distributed(timeout_s=60)
-    inputs = torch.load(Path(args.data) / "inputs.pt", weights_only=False)
+    info, inputs, data, out = start_worker()
     record = {"info": vars(info) | {"dist_rank": dist.get_rank(), "dist_world": dist.get_world_size()},
               **collectives_record(info.rank, info.world_size)}
-    record["cases"] = {name: run_case(case, inputs, str(Path(args.data) / "student.safetensors"),
+    record["cases"] = {name: run_case(case, inputs, str(data / "student.safetensors"),
                                       info.rank, info.world_size)
                        for name, case in inputs["cases"].items()}
-    torch.save(record, Path(args.out) / f"rank{info.rank}.pt")
+    torch.save(record, out / f"rank{info.rank}.pt")
     dist.barrier()
 
 

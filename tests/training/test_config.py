@@ -41,7 +41,9 @@ def test_defaults_and_overrides(minimal_yaml):
     assert isinstance(cfg, TrainConfig)
     assert cfg.deepspeed.zero_stage == 3 and cfg.optim.lr == 5e-4
     assert cfg.optim.betas == [0.9, 0.95] and cfg.model.teacher_dtype == "bf16"
-    assert cfg.loss.affinity_weight == 1.0 and cfg.checkpoint.resume is None
+    terms = cfg.loss.active_terms()  # affinity_weight unset and no loss.terms: affinity at 1.0
+    assert list(terms) == ["affinity"] and terms["affinity"][0](0) == 1.0
+    assert cfg.checkpoint.resume is None
 
 
 @pytest.mark.parametrize("override, key", [

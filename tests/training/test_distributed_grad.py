@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from tests.helpers.torchrun import TorchrunError, run_torchrun
 from training.distributed import (all_reduce_flag, expand_tasks_per_node, first_host, gather_with_grad,
                                   rank_info_from_env)
-from training.losses import DistillationLoss
+from training.objectives import DistillationLoss
 from training.models import encode
 from training.specs import build_student, build_teacher
 

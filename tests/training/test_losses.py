@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
-from training.losses import DistillationLoss, contrastive_targets, soft_cross_entropy
+from training.objectives import DistillationLoss, contrastive_targets, soft_cross_entropy
 from training.task import FeatureProjection
 
 

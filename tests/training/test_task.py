@@ -9,7 +9,7 @@ import torch
 from tests.helpers.trainer import probe_batch
 from training import models
 from training.accumulation import with_live_micro_batch
-from training.losses import DistillationLoss
+from training.objectives import DistillationLoss
 from training.task import DistillationTask, FeatureProjection, TrainingHooks
 
 models.register_model_configs()

@@ -26,6 +26,9 @@ class DataConfig:
     resampled: bool = False  # True: infinite sampling, an "epoch" is samples_per_epoch samples
     samples_per_epoch: Optional[int] = None  # total over all ranks; required when resampled
     batch_size: int = 32  # per rank, per micro-batch
+    # Captions per image in a batch (K text rows per image; docs/objectives.md): drawn from the
+    # sample's json "captions" per seed and sample; fewer than K: all of them, cycled.
+    captions_per_image: int = 1
     workers: int = 1  # DataLoader workers per rank
     shuffle_buffer: int = 1000
     max_corrupt_fraction: float = 0.01  # stop with an error above this fraction of bad samples
@@ -47,7 +50,7 @@ class DataConfig:
         _require(all(_braces_balanced(p) for p in parts), "train",
                  f"unbalanced braces in {train!r} (a shard pattern looks like "
                  f"DIR/shard-{{000000..000009}}.tar)")
-        for name, low in (("batch_size", 1), ("workers", 0), ("shuffle_buffer", 0),
+        for name, low in (("batch_size", 1), ("captions_per_image", 1), ("workers", 0), ("shuffle_buffer", 0),
                           ("corrupt_min_samples", 0), ("read_retries", 0), ("read_ahead", 0)):
             value = getattr(self, name)
             _require(_is_int(value) and value >= low, name, f"must be an integer >= {low}, got {value!r}")

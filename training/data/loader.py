@@ -192,44 +192,50 @@ class _TrainStream(IterableDataset):
         """`sample` with its stored teacher embeddings when the run reads them (sidecar.py)."""
         if self.embeddings is not None:
             if self._join is None:
-                self._join = SidecarJoin(self.embeddings)
+                self._join = SidecarJoin(self.embeddings, self.plan.shards_side_by_side())
             sample.stored = self._join.lookup(sample.url, sample.key)
         return sample
 
     def _prepare(self, sample: Sample, rng: random.Random, account: SampleAccount):
-        """(key, url, caption, crop, stored), or None if the pixels do not decode. `stored`:
-        None, or the teachers' stored (image, text) embeddings of this very crop and caption."""
+        """(key, url, captions, crop, stored), or None if the pixels do not decode. `captions`:
+        the data.captions_per_image captions drawn for the sample (choose_captions); `stored`:
+        None, or the teachers' stored (image, [text per caption]) embeddings of this very crop
+        and these captions."""
         try:
             image = decode_image(sample)
         except (OSError, ValueError) as exn:
             log.debug("undecodable image %s in %s: %s", sample.key, sample.url, exn)
             account.skip("undecodable_image", sample.url, already_read=True)
             return None
+        k = self.cfg.captions_per_image
         if self.embeddings is None:
-            caption = rng.choice(sample.captions)
-            return sample.key, sample.url, caption, self.views.crop(image, rng), None
-        box, caption, stored = self._stored_choice(sample, rng)
-        return sample.key, sample.url, caption, self.views.crop_at(image, box), stored
+            chosen = choose_captions(len(sample.captions), k, rng)
+            captions = [sample.captions[c] for c in chosen]
+            return sample.key, sample.url, captions, self.views.crop(image, rng), None
+        box, captions, stored = self._stored_choice(sample, rng)
+        return sample.key, sample.url, captions, self.views.crop_at(image, box), stored
 
-    def _stored_choice(self, sample: Sample, rng: random.Random) -> tuple[tuple, str, tuple]:
-        """One of the sample's stored augmentations and one of its captions, drawn by the
-        sample's own RNG (so a resumed run draws the same): (crop box, caption, embeddings)."""
+    def _stored_choice(self, sample: Sample, rng: random.Random) -> tuple[tuple, list, tuple]:
+        """One of the sample's stored augmentations and K of its captions, drawn by the
+        sample's own RNG (so a resumed run draws the same): (crop box, captions, embeddings)."""
         info = self.embeddings.info(sample.url)
         where = f"sample {sample.key} of {sample.url}"
         if sample.stored is None:
             raise DataError(f"{where}: no stored embeddings in {self.embeddings.name}/ "
                             f"(rerun clip-data embed on these shards)")
         augmentation = rng.randrange(info["augmentations"])
-        caption = rng.randrange(len(sample.captions))
+        chosen = choose_captions(len(sample.captions), self.cfg.captions_per_image, rng)
         box, images, texts = pick(sample.stored, len(sample.captions), info["dtype"],
-                                  len(info["teachers"]), augmentation, caption, where)
-        return box, sample.captions[caption], (images, texts)
+                                  len(info["teachers"]), augmentation, chosen, where)
+        return box, [sample.captions[c] for c in chosen], (images, texts)
 
     def _collate(self, items: list[tuple]) -> dict:
         """The batch without the views that equal another one (ALIASED_KEYS): those travel once.
-        Stored embeddings travel as `stored_image.T` / `stored_text.T` [B, D_T] per teacher T."""
+        K captions per image make K text rows per image, image-major (text [B*K, ctx]).
+        Stored embeddings travel as `stored_image.T` [B, D_T] / `stored_text.T` [B*K, D_T] per
+        teacher T."""
         keys, urls, captions, crops, stored = zip(*items)
-        captions = list(captions)
+        captions = [caption for chosen in captions for caption in chosen]
         image, teacher_image = self.views.batch_views(torch.stack(crops))
         batch = {"image": image, "text": self.tokenizer(captions),
                  "key": list(keys), "url": list(urls), "caption": captions}
@@ -240,8 +246,19 @@ class _TrainStream(IterableDataset):
         if stored[0] is not None:
             for t in range(len(stored[0][0])):
                 batch[f"stored_image.{t}"] = torch.stack([images[t] for images, _ in stored])
-                batch[f"stored_text.{t}"] = torch.stack([texts[t] for _, texts in stored])
+                batch[f"stored_text.{t}"] = torch.cat([texts[t] for _, texts in stored])
         return batch
+
+
+def choose_captions(available: int, k: int, rng: random.Random) -> list[int]:
+    """Indices of the K captions of a sample, drawn by the sample's own RNG (seeded by the seed,
+    the epoch and its position: a resumed run draws the same). K distinct captions in random
+    order when the sample has at least K; fewer: all of them in random order, cycled to K (so an
+    image with one caption has it K times). K = 1 draws exactly what rng.choice did."""
+    if k == 1:
+        return [rng.randrange(available)]
+    order = rng.sample(range(available), min(k, available))
+    return [order[i % len(order)] for i in range(k)]
 
 
 _ERRORS = {cls.__name__: cls for cls in (DataError, CorruptDataError)}
@@ -251,9 +268,10 @@ class TrainLoader:
     """Iterable of one rank's batches for one epoch (from `skip_batches` on).
 
     Batches: dict(image [B,3,H,W], teacher_image [B,3,H',W'] | None (the same tensor as image when
-    both preprocessings agree), text [B,ctx] LongTensor, teacher_text [B,ctx'] (the teacher
-    tokenizer's ids; the same tensor as text without a teacher tokenizer), key, url (its shard)
-    and caption list[str]).
+    both preprocessings agree), text [B*K,ctx] LongTensor (K = data.captions_per_image captions
+    per image, image-major), teacher_text [B*K,ctx'] (the teacher tokenizer's ids; the same
+    tensor as text without a teacher tokenizer), key, url (its shard) and caption list[str]
+    (B*K)).
     len() is the number of batches iterating yields: batches_per_epoch - skip_batches, equal on
     every rank.
     """

@@ -23,7 +23,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 RANK_SUFFIXES = ("_median_rank", "_mean_rank")
-LOSS_TERMS = ("loss", "affinity", "clip", "feature")  # training.losses.DistillationLoss keys
 TABLE_METRICS = ("eval/zeroshot/top1", "eval/zeroshot/top5", "eval/zeroshot/mean_per_class_recall",
                  "eval/val/image_to_text_R@1", "eval/val/text_to_image_R@1",
                  "eval/val/image_to_text_R@5", "eval/val/text_to_image_R@5")
@@ -70,8 +69,10 @@ def read_metrics(run_dir: str | Path, label: str | None = None) -> RunMetrics:
 def _panels_training(runs: list[RunMetrics]) -> list[tuple[str, list[str], bool]]:
     """(title, keys, y scale factor) for the training figure: losses, lr, throughput, scale."""
     keys = sorted({k for r in runs for k in r.series if not k.startswith("eval/")})
-    losses = [k for k in LOSS_TERMS if k in keys] + [
-        k for k in keys if k.startswith("loss") and k not in LOSS_TERMS]
+    from training.objectives import TERMS  # the loss terms' names (training/objectives)
+    terms = ["loss"] + sorted(TERMS)
+    losses = [k for k in terms if k in keys] + [
+        k for k in keys if k.startswith("loss") and k not in terms]
     panels = [(k if k.startswith("loss") else f"loss term: {k}", [k], 1.0) for k in losses]
     panels += [(title, [k], 1.0) for title, k in (
         ("learning rate", "lr"), ("throughput (samples/s)", "samples_per_s"),

@@ -88,9 +88,12 @@ class AttributionTerm(LossTerm):
     def maps(self, inputs: TermInputs, side: str) -> torch.Tensor:
         """`side`'s maps for this rank's images: against their own captions, or all ranks'."""
         outputs = getattr(inputs, side)
-        texts = (outputs["text_features"] if self.paired
-                 else inputs.gathered(side, "text_features"))
-        return attribution_maps(outputs["image_patch_tokens"], texts, self.paired)
+        patches = outputs["image_patch_tokens"]
+        if not self.paired:
+            return attribution_maps(patches, inputs.gathered(side, "text_features"), False)
+        texts = outputs["text_features"]  # K captions per image: K rows per image, image-major
+        return attribution_maps(patches.repeat_interleave(texts.shape[0] // patches.shape[0], 0),
+                                texts, True)
 
     def forward(self, inputs: TermInputs) -> torch.Tensor:
         if inputs.teacher is None or "ensemble" in inputs.teacher:

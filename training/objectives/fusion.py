@@ -13,6 +13,7 @@ from training.objectives.base import LossTerm, TermInputs, register_term
 class FusedFeature(LossTerm):
     name = "fused_feature"
     needs_teacher = True
+    single_teacher = True
     student_keys = ("fused_image_features",)
 
     def forward(self, inputs: TermInputs) -> torch.Tensor:

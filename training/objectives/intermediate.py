@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.objectives.base import LossTerm, TermInputs, register_term
+from training.objectives.base import LossTerm, TermInputs, TermModels, register_term
 from training.task import TaskHead
 from training.tokens import block_key, tower_layout
 
@@ -122,6 +122,7 @@ class IntermediateTerm(LossTerm):
     outputs and the teacher's (module doc)."""
 
     name = "intermediate"
+    single_teacher = True
 
     def __init__(self, pairs: Mapping[str, Sequence[Sequence[int]]], kind: str = "mse"):
         super().__init__()
@@ -132,6 +133,12 @@ class IntermediateTerm(LossTerm):
         self.kind = kind
         self.student_keys = tuple(dict.fromkeys(aligned_key(tw, s) for tw, s, _ in self.pairs))
         self.teacher_keys = tuple(dict.fromkeys(block_key(tw, t) for tw, _, t in self.pairs))
+
+    def task_heads(self, models: TermModels) -> dict[str, nn.Module]:
+        """The alignment MLPs (student block width -> teacher block width), checked against both
+        models; the teacher source was already asked for the blocks (a model-less one refused)."""
+        return {"intermediate": BlockAlignment.for_models(
+            self.pairs, models.student, models.teacher.model, "loss.terms.intermediate.pairs")}
 
     def forward(self, inputs: TermInputs) -> torch.Tensor:
         teacher = inputs.teacher
