@@ -35,14 +35,14 @@ STUDENTS = {  # name: (recipe, extra overrides, extra overrides from scratch)
     # KDEOV distilled is the LiT student (the teacher's text tower); from scratch there is no
     # teacher to lend one: the same shape trains both towers, without the fusion head
     "KDEOV-Tiny": ("configs/kdeov-tiny.yaml", [], [
-        "model.student=Tiny-KDEOV-Student", "model.fusion=null", "loss.terms.fused_feature.weight=0",
-        "optim.param_groups=[]"]),
+        "model.student=Tiny-KDEOV-Student", "model.fusion=null",
+        "loss.terms.fused_feature.weight=0", "optim.param_groups=[]"]),
     "Tiny-ViT-Student (TinyCLIP ViT)": ("configs/tiny-distill.yaml", [], []),
     "Inherit-Tiny-RN-Student (TinyCLIP ResNet)": (
         "configs/tiny-distill.yaml", ["model.student=Inherit-Tiny-RN-Student"], []),
 }
-SCRATCH = ["model.teacher=null", "model.teacher_pretrained=null", "loss.affinity_weight=0", "loss.clip_weight=1",
-           "loss.feature_weight=0", "loss.fixed_logit_scale=null"]
+SCRATCH = ["model.teacher=null", "model.teacher_pretrained=null", "loss.affinity_weight=0",
+           "loss.clip_weight=1", "loss.feature_weight=0", "loss.fixed_logit_scale=null"]
 
 
 def train(config: str, run_dir: Path, overrides: list[str]) -> None:
