@@ -39,6 +39,7 @@ from training.evaluation.cost import count_flops  # noqa: E402
 from training.evaluation.features import autocast  # noqa: E402
 from training.objectives import DistillationLoss  # noqa: E402
 from training.specs import build_student, build_teacher  # noqa: E402
+from training.teachers import encode_frozen  # noqa: E402
 
 
 @dataclass
@@ -90,7 +91,10 @@ class Step:
         self.student, s_info = build_student(case.student, device=device)
         self.teacher, t_info = build_teacher(case.teacher, device=device)
         self.loss = DistillationLoss(affinity_weight=1.0, fixed_logit_scale=50.0)
-        self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=1e-4, weight_decay=0.2)
+        # The trainer's AdamW (training/optim.py: fused where the device has it).
+        fused = device.type in ("cpu", "cuda")
+        self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=1e-4, weight_decay=0.2,
+                                           fused=fused or None)
         size = max(max(_pair(s_info.image_size)), max(_pair(t_info.image_size)))
         shards = self._shards(data_dir, size, batch)
         same_ids = s_info.tokenizer.same_ids_as(t_info.tokenizer)
@@ -120,7 +124,7 @@ class Step:
         """Everything the FLOP counter sees: teacher forward, student forward + loss, backward."""
         with autocast(self.device, self.precision):
             with torch.no_grad():
-                teacher = models.encode(self.teacher, batch["teacher_image"], batch["teacher_text"])
+                teacher = encode_frozen(self.teacher, batch["teacher_image"], batch["teacher_text"])
             student = models.encode(self.student, batch["image"], batch["text"])
         self.loss(student, teacher)["loss"].backward()
 
@@ -137,7 +141,7 @@ class Step:
         t = mark("data", t)
         with autocast(self.device, self.precision):
             with torch.no_grad():
-                teacher = models.encode(self.teacher, batch["teacher_image"], batch["teacher_text"])
+                teacher = encode_frozen(self.teacher, batch["teacher_image"], batch["teacher_text"])
             t = mark("teacher_forward", t)
             student = models.encode(self.student, batch["image"], batch["text"])
             loss = self.loss(student, teacher)["loss"]

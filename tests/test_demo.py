@@ -5,13 +5,14 @@ The quick numbers mean nothing (a few steps); the test checks the plumbing: the 
 four runs with numbers, the report exists, and a rerun skips every finished step,
 and an OUT made with other settings is refused.
 """
+import json
 import re
 import subprocess
 import sys
 
 import pytest
 
-from training.demo import RUNS
+from training.demo import RUNS, steps_per_second
 
 ROW = re.compile(r"^\| (?P<label>[^|]+) \| (?P<params>[\d.]+M) \|(?P<numbers>( [\d.]+ \|){8})$")
 
@@ -51,9 +52,25 @@ def test_quick_demo_writes_the_table_and_a_rerun_skips_every_step(tmp_path):
     assert second.returncode == 0, second.stdout + second.stderr
     assert second.stdout.count("skipped") == 5, second.stdout  # data + the four runs
     assert "inherit finished" not in second.stdout and "eval-" not in second.stdout
+    assert "embed finished" in first.stdout and "embed finished" not in second.stdout
+    assert (out / "data" / "train" / "teacher-embeddings" / "manifest.json").is_file()
+    run_config = (out / "inherited" / "config.yaml").read_text()
+    assert "teacher_source: shards" in run_config and "teacher_embeddings: teacher-embeddings" in run_config
+    assert re.search(r"stored embeddings .* ran at [\d.]+ steps/s against [\d.]+ for the live "
+                     r"teacher .*: [\d.]+x", table.replace("\n", " "))
     assert (out / "results.md").read_text() == table  # same numbers from the saved records
 
     other_seed = run_demo(out, "--seed", "1")  # would mix two demos: refused before any work
     assert other_seed.returncode == 2
     assert other_seed.stderr.startswith("demo: error:") and "other settings" in other_seed.stderr
     assert "[1/7]" not in other_seed.stdout
+
+
+def test_steps_per_second_leaves_out_start_up_and_evaluation_windows(tmp_path):
+    """Logged every 10 steps, evaluated every 25 (after that step's log): the windows ending at
+    10 (start-up), 30 (eval at 25), 60 (eval at 50) are left out; the median of the rest."""
+    times = {10: 9.0, 20: 0.5, 30: 3.0, 40: 0.4, 50: 0.6, 60: 2.0, 70: 0.45}
+    lines = [json.dumps({"step": step, "step_time_s": t}) for step, t in times.items()]
+    lines.insert(3, json.dumps({"step": 25, "eval/val/image_to_text_R@1": 0.1}))
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    assert steps_per_second(tmp_path / "metrics.jsonl", eval_every=25) == pytest.approx(1 / 0.475)

@@ -222,16 +222,19 @@ def read_module_state(tag_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
     ZeRO 1-3 keep the fp32 master weights partitioned in the optimizer files: DeepSpeed's
     zero_to_fp32 consolidates them (the engine's 16-bit gather would lose bf16 precision).
     ZeRO-0 stores the whole module in the model-states file (in the training precision).
+    Frozen parameters (a LiT student's text tower) are not in the optimizer files, and DeepSpeed
+    records them for zero_to_fp32 only from ZeRO-2: at ZeRO-1 they come from the model-states
+    file, which holds the whole module there.
     """
     tag_dir = Path(tag_dir)
     verify_tag(tag_dir)
+    files = [tag_dir / name for name in MODEL_STATES_FILES if (tag_dir / name).is_file()]
+    if not files:
+        raise ValueError(f"{tag_dir}: no {MODEL_STATES_FILES[0]}")
+    state = safe_load(files[0])["module"]
     if read_run_record(tag_dir)["zero_stage"] > 0:
         weights_only_loads()
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-    else:
-        files = [tag_dir / name for name in MODEL_STATES_FILES if (tag_dir / name).is_file()]
-        if not files:
-            raise ValueError(f"{tag_dir}: no {MODEL_STATES_FILES[0]}")
-        state = safe_load(files[0])["module"]
+        state = {**state, **get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent),
+                                                                      tag=tag_dir.name)}
     return {k.removeprefix("module."): v.float() for k, v in state.items()}

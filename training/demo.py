@@ -9,10 +9,13 @@ Seven steps, each a subprocess running one of the project's CLIs, exactly as a u
 3. distilled  Tiny-ViT-Student distilled from the teacher (configs/tiny-distill.yaml), torchrun,
               2 ranks, DeepSpeed ZeRO-1
 4. scratch    the same student, same steps and launch, contrastive only (no teacher)
-5. inherited  `clip-inherit` from the teacher into the student, then distilled like step 3
+5. inherited  `clip-inherit` from the teacher into the student, then distilled like step 3 but
+              from the teacher's embeddings stored beside the shards (`clip-data embed`, then
+              model.teacher_source=shards: no teacher runs during that training)
 6. evaluate   `clip-eval eval` on the four exports (val retrieval R@1/5/10, zero-shot top-1)
-7. report     the table (printed and OUT/results.md), `clip-eval report` (plots), and how many
-              steps the inherited run needed to reach the scratch run's final retrieval quality
+7. report     the table (printed and OUT/results.md), `clip-eval report` (plots), how many
+              steps the inherited run needed to reach the scratch run's final retrieval quality,
+              and the stored-embedding student's steps/s against the live-teacher student's
 
 A step is skipped when its output is complete (a run's done.json, an eval record, ...), and a
 training run that was interrupted resumes from its last checkpoint (`checkpoint.resume=latest`),
@@ -27,6 +30,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -43,6 +47,8 @@ RECALLS = [f"{direction}_R@{k}" for direction in ("image_to_text", "text_to_imag
 # and adding cosine feature distillation (student and teacher embeddings are both 64-d) gave 50.1.
 DISTILL_LOSS = ["loss.affinity_weight=1", "loss.clip_weight=1", "loss.feature_weight=1",
                 "loss.feature_kind=cosine", "loss.fixed_logit_scale=null"]
+# Step 5's teacher: its embeddings of N crops per training image, stored beside the shards.
+STORED = {"name": "teacher-embeddings", "augmentations": 2, "dtype": "fp16"}
 RUNS = ("teacher", "distilled", "scratch", "inherited")
 LABELS = {"teacher": "teacher (Tiny-ViT-Teacher)", "distilled": "distilled student",
           "scratch": "student from scratch", "inherited": "inherited + distilled student"}
@@ -167,14 +173,27 @@ class Demo:
                                          "loss.clip_weight=1", "loss.fixed_logit_scale=null",
                                          *periodic_eval], ranks=2)
 
-        self.say("[5/7] inherited: student weights inherited from the teacher, then distilled")
+        self.say(f"[5/7] inherited: student weights inherited from the teacher, then distilled "
+                 f"from the teacher's stored embeddings ({STORED['augmentations']} crops per "
+                 f"image, {STORED['dtype']})")
         inherit_dir = self.out / "inherit"
-        if not (self.out / "inherited" / "done.json").is_file():  # else the run needs it no more
+        if not (self.out / "inherited" / "done.json").is_file():  # else the run needs them no more
             self.run("inherit", ["-m", "training.inheritance", "--teacher", "Tiny-ViT-Teacher",
                                  "--teacher-pretrained", str(teacher_weights),
                                  "--student", "Tiny-ViT-Student", "--out", str(inherit_dir)])
+            # Two processes (torchrun, each embeds its slice of the shards; the files do not
+            # depend on how many): the students' ranks run two at a time too.
+            self.run("embed", ["-m", "torch.distributed.run", "--standalone",
+                               "--nproc_per_node", "2", "-m", "data_tools", "embed",
+                               self.shards("train"),
+                               "--name", STORED["name"], "--teacher", "Tiny-ViT-Teacher",
+                               "--pretrained", str(teacher_weights),
+                               "--augmentations", str(STORED["augmentations"]),
+                               "--dtype", STORED["dtype"], "--seed", str(self.seed),
+                               "--device", "cpu", "--no-progress"])
         self.train("inherited", *distill, teacher + periodic_eval + [
-            f"model.student_init={inherit_dir / 'student.safetensors'}"], ranks=2)
+            f"model.student_init={inherit_dir / 'student.safetensors'}",
+            "model.teacher_source=shards", f"model.teacher_embeddings={STORED['name']}"], ranks=2)
 
     # ---- 6. evaluation --------------------------------------------------------------------
     def evaluate(self) -> dict[str, dict]:
@@ -201,12 +220,19 @@ class Demo:
         table = results_table(records, quality)
         speedup = (f"{reached['scratch'] / reached['inherited']:.2f}x"
                    if reached["inherited"] and reached["scratch"] else "n/a")
+        rate = {name: steps_per_second(self.out / name / "metrics.jsonl", self.scale.eval_every)
+                for name in ("distilled", "inherited")}
         summary = [
             f"Scratch's final mean recall ({target:.4f}) was first reached at step "
             f"{at['scratch']} by the scratch run, {at['inherited']} by the inherited run "
             f"and {at['distilled']} by the distilled run (of {self.scale.student_steps}; "
             f"periodic evaluation every {self.scale.eval_every} steps): inheritance needs "
-            f"{speedup} fewer steps."]
+            f"{speedup} fewer steps.", "",
+            f"Training from the teacher's stored embeddings (inherited run, no teacher forward) "
+            f"ran at {format_rate(rate['inherited'])} steps/s against "
+            f"{format_rate(rate['distilled'])} for the live teacher (distilled run, same student, "
+            f"batch and ranks): {format_ratio(rate['inherited'], rate['distilled'])} (median "
+            f"step time of the logged windows without an evaluation, wall clock)."]
         failures = []
         if quality["distilled"] <= quality["scratch"]:
             failures.append(f"distilled mean recall {quality['distilled']:.4f} <= scratch "
@@ -226,7 +252,8 @@ class Demo:
     def check_settings(self) -> None:
         """Steps are skipped by the existence of their outputs, so an OUT made with other
         settings would mix two demos: refuse it (one line) before any work."""
-        settings = {"scale": asdict(self.scale), "seed": self.seed, "distill_loss": DISTILL_LOSS}
+        settings = {"scale": asdict(self.scale), "seed": self.seed, "distill_loss": DISTILL_LOSS,
+                    "stored_embeddings": STORED}
         path = self.out / "demo.json"
         if path.is_file() and json.loads(path.read_text()) != settings:
             raise StepFailed(f"{self.out} holds a demo made with other settings ({path}); "
@@ -254,6 +281,29 @@ class Demo:
             print(f"demo: {self.check_label}: {failure}", file=sys.stderr)
         self.say("done" if not failures else "done, with failed checks")
         return 1 if failures else 0
+
+
+def steps_per_second(metrics_jsonl: Path, eval_every: int) -> float | None:
+    """1 / the median step time of a run's logged windows, leaving out its first window
+    (start-up) and every window in which a periodic evaluation ran (after its step's log)."""
+    times, previous = [], None
+    for line in metrics_jsonl.read_text().splitlines():
+        record = json.loads(line)
+        if "step_time_s" not in record:
+            continue
+        step = int(record["step"])
+        if previous is not None and not any(e % eval_every == 0 for e in range(previous, step)):
+            times.append(record["step_time_s"])
+        previous = step
+    return 1 / statistics.median(times) if times else None
+
+
+def format_rate(rate: float | None) -> str:
+    return "n/a" if rate is None else f"{rate:.2f}"
+
+
+def format_ratio(a: float | None, b: float | None) -> str:
+    return "n/a" if a is None or b is None else f"{a / b:.2f}x"
 
 
 def mean_recall(retrieval: dict) -> float:

@@ -7,8 +7,12 @@ fp32/bf16) and GPU (NCCL, bf16/fp16) with no compiled DeepSpeed op.
 """
 from __future__ import annotations
 
+import logging
+
 from training.config import TrainConfig
 from training.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger("training")
 
 
 def deepspeed_config(cfg: TrainConfig, world_size: int, load_universal: bool = False) -> dict:
@@ -45,6 +49,12 @@ def build_engine(task, cfg: TrainConfig, *, total_steps: int, world_size: int,
     """
     import deepspeed
 
+    if world_size == 1 and cfg.deepspeed.zero_stage > 0:
+        # Not lowered automatically: the stage is a resume invariant, and a ZeRO 1-3 checkpoint
+        # can resume on more ranks (universal form), a ZeRO-0 one cannot.
+        log.info(f"one process at ZeRO-{cfg.deepspeed.zero_stage}: nothing to partition, the "
+                 f"stage only adds gradient copies (~20% of a tiny CPU step, docs/benchmarks.md); "
+                 f"deepspeed.zero_stage=0 is faster unless this run is to resume on more ranks")
     if cfg.model.grad_checkpointing:
         task.set_grad_checkpointing(True)
     optimizer = build_optimizer(task, cfg.optim)
@@ -52,4 +62,8 @@ def build_engine(task, cfg: TrainConfig, *, total_steps: int, world_size: int,
     engine, _, _, scheduler = deepspeed.initialize(
         model=task, optimizer=optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(cfg, world_size, load_universal), dist_init_required=False)
+    if world_size == 1 and cfg.deepspeed.zero_stage == 0:
+        # Its gradient all-reduce over one rank is the identity, but DeepSpeed still flattens
+        # every gradient into a bucket, reduces it and copies it back (~3% of a tiny CPU step).
+        engine.enable_backward_allreduce = False
     return engine, scheduler

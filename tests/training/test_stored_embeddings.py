@@ -158,3 +158,36 @@ def test_ensemble_averages_probabilities_after_the_softmax():
     assert torch.allclose(loss(student, {"ensemble": [a]})["affinity"], loss(student, a)["affinity"])
     scales = loss.scales_used(student, {"ensemble": [a, b]})
     assert scales["teacher_logit_scale.0"] == 70 and scales["teacher_logit_scale.1"] == 60
+
+
+@pytest.mark.slow
+def test_sidecar_shards_are_read_once_however_many_shards_the_plan_reads_side_by_side(
+        tmp_path, monkeypatch):
+    """8 lanes through shuffle windows of 3 samples over shards of 2 (up to 2 shards each): 16
+    shards read side by side, more than the 8 sidecar shards the join used to keep."""
+    from training.data.config import DataConfig
+    from training.data.sidecar import SidecarJoin
+
+    paths = make_embedding_set(tmp_path, train=128, samples_per_shard=2, augmentations=1)
+    spec = model_spec("Tiny-ViT-Student")
+    cfg = DataConfig(train=paths["train_shards"], batch_size=8, workers=0, shuffle_buffer=3)
+    loads = []
+    load = SidecarJoin._load
+    monkeypatch.setattr(SidecarJoin, "_load", lambda self, url: loads.append(url) or load(self, url))
+
+    def epoch(side_by_side=None):
+        loader = build_train_loader(cfg, seed=0, student_preprocess=spec.preprocess_cfg,
+                                    teacher_preprocess=None, tokenizer=spec.tokenizer, rank=0,
+                                    world_size=1, epoch=0, lanes=8,
+                                    embeddings=EmbeddingSets(SET_NAME))
+        if side_by_side is not None:
+            monkeypatch.setattr(type(loader.plan), "shards_side_by_side", lambda plan: side_by_side)
+        loads.clear()
+        keys = [key for batch in loader for key in batch["key"]]
+        return loader.plan, keys
+
+    plan, keys = epoch()
+    assert plan.shards_side_by_side() == 16 and len(keys) == len(set(keys)) == 128
+    assert sorted(loads) == sorted(set(loads)) and len(loads) == 64  # each sidecar read once
+    _, same_keys = epoch(side_by_side=4)  # a join keeping 8 shards, as before
+    assert same_keys == keys and len(loads) > 64  # re-reads sidecars it had dropped

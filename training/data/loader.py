@@ -192,7 +192,7 @@ class _TrainStream(IterableDataset):
         """`sample` with its stored teacher embeddings when the run reads them (sidecar.py)."""
         if self.embeddings is not None:
             if self._join is None:
-                self._join = SidecarJoin(self.embeddings)
+                self._join = SidecarJoin(self.embeddings, self.plan.shards_side_by_side())
             sample.stored = self._join.lookup(sample.url, sample.key)
         return sample
 

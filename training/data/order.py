@@ -120,6 +120,13 @@ class EpochOrder:
                 yield url
             skip = 0
 
+    def shards_per_window(self) -> int:
+        """The most shards one lane's shuffle window spans: its samples are asked for in a
+        permuted order, so that many shards of the lane are read side by side."""
+        smallest = min((self.size(k) for k in range(len(self.shards)) if self.size(k) > 0),
+                       default=1)
+        return 1 if self.window <= 1 else -(-(self.window - 1) // smallest) + 1
+
     def size(self, shard: int) -> int:
         end = self.starts[shard + 1] if shard + 1 < len(self.starts) else self.total
         return end - self.starts[shard]

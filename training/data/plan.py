@@ -111,6 +111,7 @@ class EpochPlan:
     rank: int = 0
     world_size: int = 1
     batch_size: int = 0
+    sources: int = 1                  # resampled: the sources mixed
 
     @property
     def dropped(self) -> int:
@@ -120,6 +121,18 @@ class EpochPlan:
         """How many of the first `before` batches (default: all) worker `worker` produces."""
         end = self.batches if before is None else min(before, self.batches)
         return len(range(worker, end, self.num_workers))
+
+    def shards_side_by_side(self) -> int:
+        """How many shards a worker of this rank reads at once (the most): exact epochs, the
+        lanes its step's positions come from times the shards one lane's window spans
+        (order.py); resampled, one shard per source."""
+        if self.order is None:
+            return self.sources
+        accum = self.batches // self.order.steps
+        first = self.rank * accum * self.batch_size
+        last = first + accum * self.batch_size - 1
+        lanes = last // self.order.lane_step - first // self.order.lane_step + 1
+        return min(lanes, self.order.lanes) * self.order.shards_per_window()
 
     def positions(self, batch: int) -> range:
         """Exact epochs: the global positions (order.py) of this rank's micro-batch `batch`."""
@@ -162,4 +175,5 @@ def plan_resampled(sources: list[Source], *, batch_size: int, accum: int, world_
     if steps <= 0:
         raise DataError(f"data.samples_per_epoch={samples_per_epoch} gives no global batch of "
                         f"{batch_size} x {accum} micro-batches on each of {world_size} ranks")
-    return EpochPlan(True, steps * accum, num_workers, batch_size=batch_size)
+    return EpochPlan(True, steps * accum, num_workers, batch_size=batch_size,
+                     sources=len(sources))

@@ -171,24 +171,27 @@ def _short(value) -> str:
 # --------------------------------------------------------------------------- the join
 
 class SidecarJoin:
-    """Stored arrays for the samples of the shards being read (the last CACHED sidecar shards in
-    memory: an exact epoch's global order reads a few shards side by side, one per lane).
+    """Stored arrays for the samples of the shards being read: the last used sidecar shards
+    stay in memory, twice as many as the image shards the loader reads side by side
+    (`side_by_side`, plan.EpochPlan.shards_side_by_side: an exact epoch's global order reads a
+    few lanes, each through a shuffle window that may span several shards). Twice: the shards
+    of the lanes' current windows and of the windows before them, which all lanes leave at the
+    same step; a shard still needed was used in one of those two, so least-recently-used
+    eviction only drops shards no sample will ask for again, and no sidecar is read twice.
 
     `lookup(url, key)` -> {member name: bytes} or None when that sample has no entry (embed
     skipped it: an image that does not decode, which the loader skips too). The sidecar shard
     is read whole and its sha256 compared with the manifest before any entry is returned.
     """
 
-    CACHED = 8
-
-    def __init__(self, sets: EmbeddingSets):
-        self.sets = sets
+    def __init__(self, sets: EmbeddingSets, side_by_side: int):
+        self.sets, self.cached = sets, 2 * max(side_by_side, 1)
         self._shards: collections.OrderedDict[str, dict] = collections.OrderedDict()
 
     def lookup(self, url: str, key: str) -> dict[str, bytes] | None:
         if url not in self._shards:
             self._shards[url] = self._load(url)
-            if len(self._shards) > self.CACHED:
+            if len(self._shards) > self.cached:
                 self._shards.popitem(last=False)
         self._shards.move_to_end(url)
         return self._shards[url].get(key)
