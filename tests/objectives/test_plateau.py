@@ -56,7 +56,7 @@ def plateau(tmp_path_factory):
     (root / "cases.json").write_text(json.dumps(CASES))
     worker = subprocess.run(
         [sys.executable, "tests/objectives/plateau_worker.py", str(root), str(root / "cases.json"),
-         str(root / "results.json")], cwd=REPO_ROOT, capture_output=True, text=True, timeout=1200)
+         str(root / "results.json")], cwd=REPO_ROOT, capture_output=True, text=True, timeout=570)
     assert worker.returncode == 0, worker.stdout[-3000:] + worker.stderr[-3000:]
     return json.loads((root / "results.json").read_text())
 

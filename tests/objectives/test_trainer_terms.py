@@ -56,7 +56,7 @@ def runs(tmp_path_factory):
     (root / "runs.json").write_text(json.dumps(plan))
     worker = subprocess.run(
         [sys.executable, "tests/objectives/trainer_terms_worker.py", str(root / "runs.json"),
-         str(root / "results.json")], cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+         str(root / "results.json")], cwd=REPO_ROOT, capture_output=True, text=True, timeout=570)
     assert worker.returncode == 0, worker.stdout[-3000:] + worker.stderr[-3000:]
     return root, json.loads((root / "results.json").read_text())
 
