@@ -24,6 +24,7 @@ import sys
 
 import pytest
 
+from tests.helpers.torchrun import torchrun_env
 from tests.helpers.trainer import REPO_ROOT
 from training.config import load_config, to_dict
 
@@ -56,7 +57,8 @@ def plateau(tmp_path_factory):
     (root / "cases.json").write_text(json.dumps(CASES))
     worker = subprocess.run(
         [sys.executable, "tests/objectives/plateau_worker.py", str(root), str(root / "cases.json"),
-         str(root / "results.json")], cwd=REPO_ROOT, capture_output=True, text=True, timeout=570)
+         str(root / "results.json")], cwd=REPO_ROOT, env=torchrun_env(), capture_output=True,
+        text=True, timeout=570)
     assert worker.returncode == 0, worker.stdout[-3000:] + worker.stderr[-3000:]
     return json.loads((root / "results.json").read_text())
 

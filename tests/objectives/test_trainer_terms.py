@@ -21,6 +21,7 @@ import sys
 import pytest
 
 from tests.helpers.embeddings import SET_NAME, make_embedding_set
+from tests.helpers.torchrun import torchrun_env
 from tests.helpers.trainer import REPO_ROOT, TINY_DISTILL, read_metrics, step_losses, tiny_overrides
 from training.checkpoint import tag_for_step
 
@@ -56,7 +57,8 @@ def runs(tmp_path_factory):
     (root / "runs.json").write_text(json.dumps(plan))
     worker = subprocess.run(
         [sys.executable, "tests/objectives/trainer_terms_worker.py", str(root / "runs.json"),
-         str(root / "results.json")], cwd=REPO_ROOT, capture_output=True, text=True, timeout=570)
+         str(root / "results.json")], cwd=REPO_ROOT, env=torchrun_env(), capture_output=True,
+        text=True, timeout=570)
     assert worker.returncode == 0, worker.stdout[-3000:] + worker.stderr[-3000:]
     return root, json.loads((root / "results.json").read_text())
 

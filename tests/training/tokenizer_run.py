@@ -53,9 +53,14 @@ def main() -> None:
             yield group, wait
 
     trainer.step_batches = recording_batches
-    received = []
-    trainer.teacher.model.register_forward_pre_hook(
-        lambda module, inputs: received.append(inputs[1].clone()))
+    received = []  # the ids the live teacher encodes, per step (one micro-batch per step)
+    encode = trainer.teacher.encode
+
+    def recording_encode(images, texts):
+        received.append(texts.clone())
+        return encode(images, texts)
+
+    trainer.teacher.encode = recording_encode
     trainer.train()
     result["teacher_forwards"] = len(received)
     result["teacher_received_teacher_ids"] = all(
