@@ -198,15 +198,14 @@ class LossConfig:
     WEIGHTS = ("affinity_weight", "clip_weight", "feature_weight")
 
     def active_terms(self) -> dict:
-        """{name: (weight schedule, term)}: the configured terms, checked (ConfigError)."""
-        from training.objectives import configured_terms
-        return configured_terms(self)
-
-    @property
-    def needs_teacher(self) -> bool:
-        return any(term.needs_teacher for _, term in self.active_terms().values())
+        """{name: (weight schedule, term)}: the configured terms as validate() resolved and
+        checked them (once: the term modules hold no state, so the loss uses these very ones)."""
+        if getattr(self, "_terms", None) is None:
+            self.validate()
+        return self._terms
 
     def validate(self) -> None:
+        from training.objectives import configured_terms
         from training.objectives.balance import BALANCE_MODES
         for name in self.WEIGHTS:
             value = getattr(self, name)
@@ -217,7 +216,8 @@ class LossConfig:
                  "loss.fixed_logit_scale", "must be > 0 or null")
         _require(self.balance in BALANCE_MODES, "loss.balance",
                  f"must be one of {BALANCE_MODES}, got {self.balance!r}")
-        _require(bool(self.active_terms()), "loss",
+        self._terms = configured_terms(self)  # ConfigError naming loss.terms.<name>.<option>
+        _require(bool(self._terms), "loss",
                  "all weights are 0 (affinity_weight, clip_weight, feature_weight, "
                  "loss.terms): nothing to train")
 

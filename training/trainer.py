@@ -278,12 +278,8 @@ class Trainer:
                 loss = loss + sum(regularization.values())
             self.engine.backward(loss, scale_wrt_gas=False)  # each pass is the full-batch loss
             self.engine.step()
-        # BatchNorm's running statistics: each rank saw its own micro-batches; keep one model
-        # (evaluation splits a set over ranks, the export is rank 0's): their mean over ranks.
-        average_across_ranks(running_stat_buffers(self.task))
         losses.update({f"loss_{name}": value for name, value in regularization.items()})
         losses.update(self.task.metrics(self.train_state.step))
-        losses.update(self.loss_fn.scales_used(student, teacher, self.train_state.step))
         losses["lr"] = torch.tensor(rates.get("decay", self.scheduler.get_last_lr()[0]),
                                     dtype=torch.float64)
         losses.update({f"lr/{group.name}": torch.tensor(rates[group.name], dtype=torch.float64)
@@ -358,8 +354,17 @@ class Trainer:
         stats = self.loader.stats()
         return {f"data/{k}": float(stats.get(k, 0)) for k in DATA_COUNTERS}
 
+    def sync_running_stats(self) -> None:
+        """BatchNorm's running statistics: each rank updates them from its own micro-batches, but
+        the model that is evaluated (a set split over ranks), checkpointed and exported is one:
+        their mean over ranks. Done where they are read, not after every step: the update is
+        linear (an EMA or a running mean), so one average before a read equals averaging after
+        each step, and a step needs no collective for it."""
+        average_across_ranks(running_stat_buffers(self.task))
+
     def evaluate(self) -> dict:
         from training.evaluation.periodic import run_periodic_eval
+        self.sync_running_stats()
         results = run_periodic_eval(self.task.student, self.cfg.eval, self.dist,
                                     tokenizer=self.student_spec.tokenizer,
                                     preprocess_cfg=self.student_spec.preprocess_cfg)
@@ -383,6 +388,7 @@ class Trainer:
         """Save this step (once: a step saved already is not written again)."""
         tag = tag_for_step(self.train_state.step)
         if self.last_checkpoint is None or os.path.basename(self.last_checkpoint) != tag:
+            self.sync_running_stats()  # the checkpoint (and the export made from it) is one model
             self.last_checkpoint = self.checkpoints.save(self.engine, self.checkpoint_parts(),
                                                          self.run_record())
         return self.last_checkpoint

@@ -106,6 +106,24 @@ def run_torchrun(
     return result
 
 
+def run_worker(script: str, *args, timeout: int = 570) -> subprocess.CompletedProcess:
+    """Run a worker script in one plain process (no torchrun) the way run_torchrun runs ranks:
+    from the repo root, the CPU defaults and the repo on PYTHONPATH (a script's own folder, not
+    the repo, is what Python puts on sys.path, and CI sets no PYTHONPATH), output captured. A
+    non-zero exit or a timeout raises TorchrunError with the output's tail."""
+    cmd = [sys.executable, str(script), *[str(a) for a in args]]
+    try:
+        result = subprocess.run(cmd, cwd=REPO_ROOT, env=torchrun_env(), capture_output=True,
+                                text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as err:
+        raise TorchrunError(f"worker timed out after {timeout}s: {' '.join(cmd)}\n"
+                            f"{_tail(str(err.stdout or '') + str(err.stderr or ''))}") from None
+    if result.returncode != 0:
+        raise TorchrunError(f"worker exited {result.returncode}: {' '.join(cmd)}\n"
+                            f"{_tail(result.stdout + result.stderr)}")
+    return result
+
+
 def kill_process_tree(pid: int) -> None:
     """SIGKILL a process and all its descendants. torchrun starts each rank in a session of its
     own, so killing the agent's process group would leave the ranks running."""

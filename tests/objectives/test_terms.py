@@ -68,7 +68,7 @@ def test_learned_tempkd_temperature_is_a_task_head_parameter_with_a_gradient():
     assert param.grad is not None and param.grad.abs().item() > 0
     full = with_heads(heads, student)
     assert full["tempkd_log_temperature"].shape == (1,)
-    assert loss_fn.scales_used(full, teacher)["tempkd_temperature"].item() == pytest.approx(0.25)
+    assert out["tempkd_temperature"].item() == pytest.approx(0.25)
 
 
 @pytest.mark.parametrize("fixed", [None, 50.0])
@@ -110,7 +110,8 @@ def test_shorthand_keys_and_terms_give_the_same_objective():
                              feature_kind="cosine")(student, teacher)
     named = DistillationLoss(terms={"affinity": {"weight": 0.7}, "clip": {"weight": 0.3},
                                     "feature": {"weight": 2.0, "kind": "cosine"}})(student, teacher)
-    assert set(short) == set(named) == {"loss", "affinity", "clip", "feature"}
+    assert set(short) == set(named) == {"loss", "affinity", "clip", "feature",
+                                        "logit_scale", "teacher_logit_scale"}  # the scales applied
     for key in short:
         assert torch.allclose(short[key], named[key])
 

@@ -15,14 +15,12 @@ falls step after step):
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 from tests.helpers.embeddings import SET_NAME, make_embedding_set
-from tests.helpers.torchrun import torchrun_env
-from tests.helpers.trainer import REPO_ROOT, TINY_DISTILL, read_metrics, step_losses, tiny_overrides
+from tests.helpers.torchrun import run_worker
+from tests.helpers.trainer import TINY_DISTILL, read_metrics, step_losses, tiny_overrides
 from training.checkpoint import tag_for_step
 
 STEPS = 4
@@ -55,11 +53,8 @@ def runs(tmp_path_factory):
                               "loss.terms.intermediate.pairs={image: [[5, 3]]}"),
     }
     (root / "runs.json").write_text(json.dumps(plan))
-    worker = subprocess.run(
-        [sys.executable, "tests/objectives/trainer_terms_worker.py", str(root / "runs.json"),
-         str(root / "results.json")], cwd=REPO_ROOT, env=torchrun_env(), capture_output=True,
-        text=True, timeout=570)
-    assert worker.returncode == 0, worker.stdout[-3000:] + worker.stderr[-3000:]
+    run_worker("tests/objectives/trainer_terms_worker.py", root / "runs.json",
+               root / "results.json")
     return root, json.loads((root / "results.json").read_text())
 
 

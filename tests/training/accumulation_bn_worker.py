@@ -85,9 +85,10 @@ def main() -> None:
         task = copy.deepcopy(trainer.task)
         rng = torch.get_rng_state()
         reference = reference_grads(task, trainer, micro_batches)
-        average_across_ranks(running_stat_buffers(task))  # what the trainer does after a step
+        average_across_ranks(running_stat_buffers(task))  # what the trainer does before a read
         torch.set_rng_state(rng)
         cached = named_grads(trainer, micro_batches)
+        trainer.sync_running_stats()  # as before an evaluation or a checkpoint
         buffers = running_stat_buffers(trainer.task)
         results[run] = {
             "grad_vs_reference": relative_difference(cached, reference),

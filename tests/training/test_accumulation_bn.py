@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.slow
 
@@ -59,3 +60,26 @@ def test_without_replay_the_check_fails(ranks):
         assert result["grad_vs_reference"] > 1e-2, result
         assert result["buffers_vs_reference"] > 0, result
         assert result["batches_tracked"] == [4]
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])  # an EMA, and a cumulative running mean
+def test_averaging_once_before_a_read_equals_averaging_after_every_step(momentum):
+    """Why the trainer averages the ranks' running statistics only before an evaluation or a
+    checkpoint: the update is linear in the statistics, so the mean of the ranks' own statistics
+    after several steps equals statistics averaged after each step."""
+    torch.manual_seed(0)
+    batches = [[torch.randn(16, 4) * (rank + 1) + step for step in range(3)] for rank in range(2)]
+    own = [torch.nn.BatchNorm1d(4, momentum=momentum) for _ in range(2)]
+    synced = [torch.nn.BatchNorm1d(4, momentum=momentum) for _ in range(2)]
+    for step in range(3):
+        for rank in range(2):
+            own[rank](batches[rank][step])
+            synced[rank](batches[rank][step])
+        for name in ("running_mean", "running_var"):
+            mean = (getattr(synced[0], name) + getattr(synced[1], name)) / 2
+            for module in synced:
+                getattr(module, name).copy_(mean)
+    for name in ("running_mean", "running_var"):
+        once = (getattr(own[0], name) + getattr(own[1], name)) / 2
+        assert not torch.allclose(getattr(own[0], name), getattr(own[1], name))  # ranks differ
+        torch.testing.assert_close(once, getattr(synced[0], name), rtol=1e-6, atol=1e-6)

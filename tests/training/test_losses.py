@@ -80,7 +80,7 @@ def test_total_is_the_weighted_sum_of_the_terms():
     student, teacher = outputs(seed=0), outputs(seed=4, scale=25.0)
     loss_fn = DistillationLoss(affinity_weight=0.7, clip_weight=0.3, feature_weight=2.0)
     out = loss_fn(student, teacher)
-    assert set(out) == {"loss", "affinity", "clip", "feature"}
+    assert set(out) == {"loss", "affinity", "clip", "feature", "logit_scale", "teacher_logit_scale"}
     expected = 0.7 * out["affinity"] + 0.3 * out["clip"] + 2.0 * out["feature"]
     assert torch.allclose(out["loss"], expected, atol=1e-6)
     assert torch.allclose(out["feature"], (F.mse_loss(student["image_features"], teacher["image_features"])

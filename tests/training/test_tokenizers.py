@@ -5,14 +5,12 @@ the one tokenizer source (training/specs.py)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 from tests.helpers.shards import make_synthetic_shards
 from tests.helpers.tokenizers import small_vocab_size, write_small_vocab_model
-from tests.helpers.torchrun import REPO_ROOT, torchrun_env
+from tests.helpers.torchrun import REPO_ROOT, run_worker
 from training.specs import model_spec
 
 pytestmark = pytest.mark.slow
@@ -37,12 +35,8 @@ def student_config(kind: str, folder) -> str:
 @pytest.mark.parametrize("kind", ["context", "vocabulary"])
 def test_student_and_teacher_each_get_their_own_ids(kind, shards, tmp_path):
     student = student_config(kind, tmp_path)
-    result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "tests" / "training" / "tokenizer_run.py"),
-         "--student", student, "--shards", shards["train_shards"], "--val", str(shards["val"]),
-         "--out", str(tmp_path)], cwd=REPO_ROOT, env=torchrun_env(), capture_output=True,
-        text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_worker("tests/training/tokenizer_run.py", "--student", student, "--shards",
+               shards["train_shards"], "--val", shards["val"], "--out", tmp_path, timeout=600)
     record = json.loads((tmp_path / "result.json").read_text())
     assert record["teacher_context"] == 32 and record["teacher_vocab"] == 49408
     if kind == "context":

@@ -136,7 +136,7 @@ class DistillationLoss(nn.Module):
             config = LossConfig(**settings)
         config.validate()
         self.cfg = config
-        resolved = configured_terms(config)
+        resolved = config.active_terms()
         self.terms = nn.ModuleDict({name: term for name, (_, term) in resolved.items()})
         self.weights = {name: weight for name, (weight, _) in resolved.items()}
         self.balancer = build_balancer(config.balance, list(resolved))
@@ -184,7 +184,8 @@ class DistillationLoss(nn.Module):
 
     def forward(self, student: dict, teacher: dict | None = None, step: int = 0
                 ) -> dict[str, torch.Tensor]:
-        """{"loss": the total (with graph)} + each term unweighted and detached (+ its weight)."""
+        """{"loss": the total (with graph)} + each term unweighted and detached (+ its weight,
+        when scheduled or balanced) + the logit scales and temperatures applied (`scales`)."""
         if teacher is None and self.needs_teacher:
             names = [n for n, t in self.terms.items() if t.needs_teacher]
             raise ValueError(f"loss: the {', '.join(names)} term(s): needs teacher outputs "
@@ -197,14 +198,13 @@ class DistillationLoss(nn.Module):
         if self.log_weights:
             out.update({f"weight_{name}": f.detach().float().reshape(())
                         for name, f in factors.items()})
+        out.update(self.scales(inputs, teacher))
         return out
 
     @torch.no_grad()
-    def scales_used(self, student: dict, teacher: dict | None, step: int = 0
-                    ) -> dict[str, torch.Tensor]:
+    def scales(self, inputs: TermInputs, teacher: dict | None) -> dict[str, torch.Tensor]:
         """The logit scales the terms applied (the fixed one, else each model's own) and the
         terms' own (e.g. tempkd_temperature), to log."""
-        inputs = self.inputs(student, teacher, step)
         scales = {"logit_scale": inputs.student_scale().detach().reshape(())}
         for term in self.terms.values():
             scales.update({k: v.detach().reshape(()) for k, v in term.scales(inputs).items()})
