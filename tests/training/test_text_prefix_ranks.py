@@ -17,12 +17,10 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def launch(tmp_path_factory):
-    root = tmp_path_factory.mktemp("text-prefix")
-    shards = make_synthetic_shards(root / "shards", train=64, val=0, zeroshot=0)
-    out = root / "out"
-    out.mkdir()
-    run_torchrun(["tests/training/text_prefix_worker.py", "--shards", shards["train_shards"],
-                  "--out", str(out)], nproc=2, timeout=600)
+    out = tmp_path_factory.mktemp("text-prefix")  # shards/, the runs' folders, rank<r>.json
+    train = make_synthetic_shards(out / "shards", train=64, val=0, zeroshot=0)["train_shards"]
+    run_torchrun(["tests/training/text_prefix_worker.py", "--shards", train, "--out", str(out)],
+                 nproc=2, timeout=600)
     return out, [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
