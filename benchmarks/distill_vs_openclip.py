@@ -2,9 +2,12 @@
 
     python benchmarks/distill_vs_openclip.py                       # batch 32, 40 steps, 3 pairs
     python benchmarks/distill_vs_openclip.py --steps 60 --warmup 10 --repeats 5 --threads 1
+    python benchmarks/distill_vs_openclip.py --student TinyCLIP-ViT-40M-32-Text-19M --teacher ViT-B-32 \
+        --batch 8 --steps 10 --warmup 3 --repeats 1
 
-Both trainers distil Tiny-ViT-Student from Tiny-ViT-Teacher (configs/models; the teacher has
-random weights saved to a local .pt file: speed does not depend on the weights) on the same
+Both trainers distil Tiny-ViT-Student from Tiny-ViT-Teacher (configs/models; `--student` /
+`--teacher` for another pair; the teacher has random weights saved to a local .pt file: speed
+does not depend on the weights) on the same
 synthetic 64 px shards, in one process on the CPU, fp32, the same batch, the same number of
 steps, the same torch thread count (OMP_NUM_THREADS) and one loader worker each. The two run as
 subprocesses, alternating (ours, OpenCLIP's, ours, ...), so they share the machine's load.
@@ -51,7 +54,7 @@ OPENCLIP_STEP = re.compile(r"Data \(t\): ([0-9.]+) Batch \(t\): ([0-9.]+)")
 
 
 # ---- inputs shared by both trainers --------------------------------------------------------
-def prepare(tmp: Path, samples: int) -> dict:
+def prepare(tmp: Path, samples: int, teacher_name: str = TEACHER) -> dict:
     """Synthetic train shards (exactly `samples`) and a random teacher state dict (.pt)."""
     import open_clip
     import torch
@@ -60,7 +63,7 @@ def prepare(tmp: Path, samples: int) -> dict:
     shards = make_synthetic_shards(tmp / "shards", train=samples, val=0, zeroshot=0,
                                    samples_per_shard=128, image_size=64)
     open_clip.add_model_config(str(MODEL_CONFIGS))
-    teacher = open_clip.create_model(TEACHER)
+    teacher = open_clip.create_model(teacher_name)
     torch.save(teacher.state_dict(), tmp / "teacher.pt")
     return {"train": shards["train_shards"], "count": shards["train_count"],
             "teacher": str(tmp / "teacher.pt")}
@@ -92,6 +95,8 @@ def run_ours(inputs: dict, run_dir: Path, args, extra: dict | None = None
     step time) per step."""
     overrides = {
         "run_dir": run_dir, "data.train": inputs["train"], "data.batch_size": args.batch,
+        "model.student": getattr(args, "student", STUDENT),  # (callers without the options)
+        "model.teacher": getattr(args, "teacher", TEACHER),
         "data.workers": args.workers, "data.shuffle_buffer": 0,
         "model.teacher_pretrained": inputs["teacher"],
         "loss.affinity_weight": 1.0, "loss.clip_weight": 1.0, "loss.fixed_logit_scale": "null",
@@ -120,7 +125,8 @@ def run_openclip(inputs: dict, logs: Path, args) -> list[tuple[float, float]]:
            "--dataset-type", "webdataset", "--train-data", inputs["train"],
            "--train-num-samples", str(args.steps * args.batch), "--batch-size", str(args.batch),
            "--workers", str(args.workers), "--epochs", "1",
-           "--model", STUDENT, "--distill-model", TEACHER, "--distill-pretrained", inputs["teacher"],
+           "--model", args.student, "--distill-model", args.teacher,
+           "--distill-pretrained", inputs["teacher"],
            *getattr(args, "openclip_device_args", ["--device", "cpu", "--precision", "fp32"]),
            "--lr", str(OPTIM["lr"]), "--wd", str(OPTIM["weight_decay"]),
            "--beta1", str(OPTIM["beta1"]), "--beta2", str(OPTIM["beta2"]), "--eps", str(OPTIM["eps"]),
@@ -185,7 +191,7 @@ def breakdown(args, tmp: Path) -> dict[str, float]:
         benchmarks.mfu.time = cpu_clock()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    step = Step(Case(STUDENT, TEACHER, args.batch), args.batch, torch.device("cpu"), "fp32",
+    step = Step(Case(args.student, args.teacher, args.batch), args.batch, torch.device("cpu"), "fp32",
                 tmp / "mfu")
     for _ in range(args.warmup):
         step.timed()
@@ -219,6 +225,8 @@ def main(argv=None) -> int:
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
                         help="what the trainers' step timers read (see child())")
     parser.add_argument("--breakdown-steps", type=int, default=10)
+    parser.add_argument("--student", default=STUDENT, help="a model name of configs/models")
+    parser.add_argument("--teacher", default=TEACHER, help="(random weights, saved to a .pt)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     if args.warmup >= args.steps:
@@ -227,7 +235,7 @@ def main(argv=None) -> int:
     load = [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory(prefix="distill_vs_openclip-") as tmp_name:
         tmp = Path(tmp_name)
-        inputs = prepare(tmp, args.steps * args.batch)
+        inputs = prepare(tmp, args.steps * args.batch, args.teacher)
         runs = {"ours": [], "open_clip": []}
         for i in range(args.repeats):
             for name, run in (("ours", run_ours), ("open_clip", run_openclip)):
@@ -250,7 +258,8 @@ def report(runs: dict, phases: dict, load: list[float], args) -> str:
         return statistics.median(r["step_s"] for r in runs[name])
     ratios = [o["step_s"] / u["step_s"] for u, o in zip(runs["ours"], runs["open_clip"])]
     lines = [f"batch {args.batch}, {args.steps} steps per run (first {args.warmup} left out), "
-             f"{args.repeats} pairs, {args.clock} time, fp32, {args.threads} thread(s), {args.workers} loader "
+             f"{args.repeats} pairs, {args.clock} time, fp32, {args.student} <- {args.teacher}, "
+             f"{args.threads} thread(s), {args.workers} loader "
              f"worker(s), ours at ZeRO-{args.zero_stage}; load average "
              f"{min(load):.1f}-{max(load):.1f}"]
     for name in ("ours", "open_clip"):

@@ -33,13 +33,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training import models  # noqa: E402
 from training.data import DataConfig, build_train_loader  # noqa: E402
 from training.evaluation.cost import count_flops  # noqa: E402
 from training.evaluation.features import autocast  # noqa: E402
 from training.objectives import DistillationLoss  # noqa: E402
 from training.specs import build_student, build_teacher  # noqa: E402
 from training.teachers import encode_frozen  # noqa: E402
+from training.text_prefix import encode_used_tokens  # noqa: E402
 
 
 @dataclass
@@ -118,14 +118,25 @@ class Step:
 
     def next_batch(self) -> dict:
         batch = next(self.batches)
-        return {k: batch[k].to(self.device) for k in ("image", "teacher_image", "text", "teacher_text")}
+        moved = {k: batch[k].to(self.device) for k in ("image", "teacher_image", "text", "teacher_text")}
+        return {**moved, "text_length": batch["text_length"],
+                "teacher_text_length": batch["teacher_text_length"]}
+
+    def teacher_forward(self, batch: dict) -> dict:
+        return encode_frozen(self.teacher, batch["teacher_image"], batch["teacher_text"],
+                             batch["teacher_text_length"])
+
+    def student_forward(self, batch: dict) -> dict:
+        """As the trainer's task runs it: a causal text tower on the batch's used tokens."""
+        return encode_used_tokens(self.student, None, batch["image"], batch["text"],
+                                  batch["text_length"])
 
     def forward_backward(self, batch: dict) -> None:
         """Everything the FLOP counter sees: teacher forward, student forward + loss, backward."""
         with autocast(self.device, self.precision):
             with torch.no_grad():
-                teacher = encode_frozen(self.teacher, batch["teacher_image"], batch["teacher_text"])
-            student = models.encode(self.student, batch["image"], batch["text"])
+                teacher = self.teacher_forward(batch)
+            student = self.student_forward(batch)
         self.loss(student, teacher)["loss"].backward()
 
     def timed(self) -> dict[str, float]:
@@ -141,9 +152,9 @@ class Step:
         t = mark("data", t)
         with autocast(self.device, self.precision):
             with torch.no_grad():
-                teacher = encode_frozen(self.teacher, batch["teacher_image"], batch["teacher_text"])
+                teacher = self.teacher_forward(batch)
             t = mark("teacher_forward", t)
-            student = models.encode(self.student, batch["image"], batch["text"])
+            student = self.student_forward(batch)
             loss = self.loss(student, teacher)["loss"]
         t = mark("student_forward_loss", t)
         loss.backward()

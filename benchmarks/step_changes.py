@@ -1,14 +1,20 @@
 """What each change to the live-teacher training step buys, measured in one process.
 
-    python benchmarks/step_changes.py [--batch 32] [--iters 15] [--rounds 3]
+    python benchmarks/step_changes.py [--batch 32] [--iters 15] [--rounds 3] [--bf16]
+    python benchmarks/step_changes.py --student TinyCLIP-ViT-40M-32-Text-19M --teacher ViT-B-32 \
+        --batch 8 --iters 3 --rounds 2
 
-Tiny-ViT-Student <- Tiny-ViT-Teacher (random weights), batch 32, the synthetic set's captions
-(13-15 of 32 token positions used), one thread, CPU time per call (time.process_time), median
-over `iters` calls after 3 warm-up calls, the variants of each part interleaved for `rounds`
-rounds so that a neighbour's load hits all of them alike. Parts:
+Tiny-ViT-Student <- Tiny-ViT-Teacher by default (random weights), batch 32, captions like the
+synthetic set's (13-15 of 32 token positions used; 13-15 of 77 with a 77-token model), one
+thread, CPU time per call (time.process_time), median over `iters` calls after 3 warm-up calls,
+the variants of each part interleaved for `rounds` rounds so that a neighbour's load hits all of
+them alike. Parts:
 
 - teacher forward: open_clip's full encode vs `training.teachers.encode_frozen` (the causal
-  text tower on the batch's used tokens), in fp32, and in bf16 (model.teacher_dtype);
+  text tower on the batch's used tokens, training/text_prefix.py), in fp32, and with `--bf16`
+  in bf16 too (model.teacher_dtype);
+- student forward + backward (the task module, a contrastive loss): open_clip's full encode vs
+  the task's forward with the loader's used length (the same text_prefix path);
 - AdamW over the task's groups (49408-row token embedding included): torch's for-loop (what
   OpenCLIP's trainer gets on the CPU), foreach, fused (training/optim.py).
 
@@ -28,12 +34,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training import models  # noqa: E402
+from training.data.loader import text_length  # noqa: E402
 from training.specs import build_student, build_teacher, model_spec  # noqa: E402
 from training.task import DistillationTask  # noqa: E402
 from training.teachers import encode_frozen  # noqa: E402
 
-CAPTIONS = ["two small red circles at the top left", "a big blue square in the middle",
-            "three green triangles at the bottom right", "one yellow star on the left"]
+CAPTIONS = ["two small red circles at the top left of a white picture",
+            "a big blue square in the middle of a white picture",
+            "three green triangles at the bottom right of a white picture",
+            "one yellow star on the left of a white picture"]
 
 
 def cpu_ms(fn, iters: int) -> float:
@@ -47,22 +56,42 @@ def cpu_ms(fn, iters: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def teacher_variants(batch: int) -> dict:
-    texts = model_spec("Tiny-ViT-Teacher").tokenizer((CAPTIONS * batch)[:batch])
-    images = torch.randn(batch, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+def inputs(name: str, batch: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Images at the model's size, its captions' ids and their used length (the loader's)."""
+    spec = model_spec(name)
+    texts = spec.tokenizer((CAPTIONS * batch)[:batch])
+    size = spec.image_size if isinstance(spec.image_size, tuple) else (spec.image_size,) * 2
+    images = torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(0))
+    return images, texts, text_length(texts, spec.tokenizer)
+
+
+def teacher_variants(name: str, batch: int, dtypes: tuple[str, ...]) -> dict:
+    images, texts, _ = inputs(name, batch)
     variants = {}
-    for dtype in ("fp32", "bf16"):
-        teacher, _ = build_teacher("Tiny-ViT-Teacher", dtype=dtype)
-        for name, encode in (("full", models.encode), ("used tokens", encode_frozen)):
+    for dtype in dtypes:
+        teacher, _ = build_teacher(name, dtype=dtype)
+        for label, encode in (("full", models.encode), ("used tokens", encode_frozen)):
             def run(teacher=teacher, encode=encode):
                 with torch.no_grad():
                     encode(teacher, images, texts)
-            variants[f"teacher forward {dtype}, {name}"] = run
+            variants[f"teacher forward {dtype}, {label}"] = run
     return variants
 
 
-def adamw_variants() -> dict:
-    task = models.make_deepspeed_safe(DistillationTask(build_student("Tiny-ViT-Student")[0]))
+def student_variants(task: DistillationTask, name: str, batch: int) -> dict:
+    images, texts, length = inputs(name, batch)
+
+    def step(forward):
+        out = forward()
+        logits = out["logit_scale"] * out["image_features"] @ out["text_features"].T
+        task.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(logits, torch.arange(batch)).backward()
+    return {"student fwd+bwd, full": lambda: step(lambda: models.encode(task.student, images, texts)),
+            "student fwd+bwd, used tokens": lambda: step(lambda: task(images, texts,
+                                                                      text_length=length))}
+
+
+def adamw_variants(task: DistillationTask) -> dict:
     for param in task.parameters():
         param.grad = torch.randn_like(param) * 1e-3
     groups = task.param_groups(0.1)
@@ -80,19 +109,26 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--iters", type=int, default=15)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--student", default="Tiny-ViT-Student")
+    parser.add_argument("--teacher", default="Tiny-ViT-Teacher")
+    parser.add_argument("--bf16", action="store_true", help="also the bf16 teacher")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(0)
     models.register_model_configs()
-    variants = {**teacher_variants(args.batch), **adamw_variants()}
+    task = models.make_deepspeed_safe(DistillationTask(build_student(args.student)[0]))
+    variants = {**teacher_variants(args.teacher, args.batch, ("fp32", "bf16") if args.bf16
+                                   else ("fp32",)),
+                **student_variants(task, args.student, args.batch), **adamw_variants(task)}
     results = {name: [] for name in variants}
     for _ in range(args.rounds):
         for name, fn in variants.items():
             results[name].append(cpu_ms(fn, args.iters))
-    print(f"batch {args.batch}, 1 thread, CPU ms per call (median of {args.iters}), "
+    print(f"{args.student} <- {args.teacher}, batch {args.batch}, 1 thread, CPU ms per call "
+          f"(median of {args.iters}), "
           f"{args.rounds} interleaved rounds; load average {os.getloadavg()[0]:.1f}")
     for name, values in results.items():
-        print(f"  {name:34s} {statistics.median(values):7.1f} ms  "
+        print(f"  {name:34s} {statistics.median(values):8.1f} ms  "
               f"(rounds: {', '.join(f'{v:.1f}' for v in values)})")
     return 0
 

@@ -43,7 +43,7 @@ def embed(inputs: dict, args, log: Path) -> dict:
     """Run clip-data embed once. Its throughput over the embedding loop (its own summary line:
     no start-up, imports or teacher loading), by the process's CPU time or wall time (--clock)."""
     cmd = [sys.executable, "-m", "data_tools", "embed", inputs["train"], "--name", SET_NAME,
-           "--teacher", peer.TEACHER, "--pretrained", inputs["teacher"], "--augmentations",
+           "--teacher", args.teacher, "--pretrained", inputs["teacher"], "--augmentations",
            str(args.augmentations), "--dtype", args.dtype, "--batch-size", str(args.embed_batch),
            "--device", args.device, "--precision", args.precision, "--no-progress"]
     start = time.perf_counter()
@@ -76,13 +76,11 @@ def main(argv=None) -> int:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cuda: every run in bf16 (ours: DeepSpeed bf16 + bf16 teacher; "
                              "OpenCLIP: amp_bf16; embed: bf16 teacher), wall clock")
-    parser.add_argument("--student", default=peer.STUDENT)
-    parser.add_argument("--teacher", default=peer.TEACHER)
+    parser.add_argument("--student", default=peer.STUDENT, help="a model name of configs/models")
+    parser.add_argument("--teacher", default=peer.TEACHER, help="(random weights, saved to a .pt)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
-    # The peer benchmark's runners read these module settings when they run.
-    peer.STUDENT, peer.TEACHER = args.student, args.teacher
-    models = {"model.student": args.student, "model.teacher": args.teacher}
+    models = {}
     args.precision = "fp32"
     if args.device == "cuda":
         args.clock, args.precision = "wall", "bf16"
@@ -96,7 +94,7 @@ def main(argv=None) -> int:
             "open_clip": lambda i, d: run_openclip(inputs, d, args)}
     with tempfile.TemporaryDirectory(prefix="stored_embeddings-") as tmp_name:
         tmp = Path(tmp_name)
-        inputs = prepare(tmp, args.steps * args.batch)
+        inputs = prepare(tmp, args.steps * args.batch, args.teacher)
         embedded = embed(inputs, args, tmp / "embed.log")
         print(f"  embed {embedded['samples_per_s']:.1f} samples/s ({args.augmentations} crops)",
               flush=True)

@@ -26,7 +26,8 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from training.tokens import TokenCapture, encode_with_tokens
+from training.text_prefix import encode_used_tokens
+from training.tokens import TokenCapture
 
 STUDENT_PREFIX = "student."
 
@@ -94,15 +95,19 @@ class DistillationTask(nn.Module):
         self.capture = TokenCapture(student, keys, who="student") if keys else None
 
     def forward(self, images: torch.Tensor | None, texts: torch.Tensor | None,
-                text_features: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                text_features: torch.Tensor | None = None,
+                text_length: int | None = None) -> dict[str, torch.Tensor]:
         """The student's outputs (open_clip's dict: image_features, text_features, 0-dim
         logit_scale), the token-level outputs asked for (`token_outputs` and the heads'
         `token_inputs`, captured inside the student's forward: training/tokens.py), plus every
-        head's entries. `text_features`: the text tower's output computed elsewhere, used
-        instead of running it (a LiT student, whose frozen text tower is the teacher's: the
-        teacher source computed them, training/trainer.py)."""
-        outputs = encode_with_tokens(self.student, self.capture, images,
-                                     None if text_features is not None else texts)
+        head's entries. A causal open_clip text tower runs on the batch's used tokens only, in
+        the student's own forward (training/text_prefix.py: the same features and gradients;
+        `text_length`: the loader's count of used positions, None: read from the ids).
+        `text_features`: the text tower's output computed elsewhere, used instead of running it
+        (a LiT student, whose frozen text tower is the teacher's: the teacher source computed
+        them, training/trainer.py)."""
+        outputs = encode_used_tokens(self.student, self.capture, images,
+                                     None if text_features is not None else texts, text_length)
         if text_features is not None:
             outputs["text_features"] = text_features
         for head in self.heads.values():

@@ -23,10 +23,8 @@ import json
 from pathlib import Path
 from typing import Iterable, Optional
 
-import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import text_global_pool
 
 from training import models
 from training.accumulation import concat_outputs
@@ -34,7 +32,8 @@ from training.config import ModelConfig
 from training.data.config import DataConfig
 from training.files import sha256_file
 from training.specs import ModelSpec, TextTokenizer, build_teacher, model_spec
-from training.tokens import TokenCapture, encode_with_tokens
+from training.text_prefix import encode_used_tokens
+from training.tokens import TokenCapture
 
 
 def teacher_identity(spec: ModelSpec | str, pretrained: Optional[str]) -> dict:
@@ -125,64 +124,26 @@ class LiveTeacher(TeacherSource):
 
     @torch.no_grad()
     def outputs(self, micro_batches: list[dict]) -> dict[str, torch.Tensor]:
-        return concat_outputs([self.encode(mb["teacher_image"], mb["teacher_text"])
+        return concat_outputs([self.encode(mb["teacher_image"], mb["teacher_text"],
+                                           mb.get("teacher_text_length"))
                                for mb in micro_batches])
 
-    def encode(self, images: torch.Tensor, texts: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The teacher's outputs; with token-level outputs asked for (require_outputs) the text
-        tower runs on the whole context (its blocks' tokens are compared position by position)."""
-        if self.capture is not None:
-            return encode_with_tokens(self.model, self.capture, images, texts)
-        return encode_frozen(self.model, images, texts)
+    def encode(self, images: torch.Tensor, texts: torch.Tensor,
+               text_length: Optional[int] = None) -> dict[str, torch.Tensor]:
+        """The teacher's outputs, its causal text tower on the batch's used tokens
+        (training/text_prefix.py; `text_length`: the loader's count); with text token-level
+        outputs asked for (require_outputs) on the whole context (compared position by
+        position)."""
+        return encode_used_tokens(self.model, self.capture, images, texts, text_length)
 
 
 def encode_frozen(model: torch.nn.Module, images: Optional[torch.Tensor],
-                  texts: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """models.encode for a frozen model (no gradient), with the text tower run on the batch's
-    used tokens only when it can be (causal_text_length): the same features, a fraction of the
-    text tower's work (captions are short: the demo's use 13-15 of 32 positions, CC3M's ~15 of
-    77)."""
-    length = causal_text_length(model, texts)
-    if length is None:
-        return models.encode(model, images, texts)
-    out = models.encode(model, images, None)
-    out["text_features"] = encode_text_prefix(model, texts, length)
-    return out
-
-
-def causal_text_length(model: torch.nn.Module, texts: Optional[torch.Tensor]) -> Optional[int]:
-    """How many leading tokens of `texts` decide an open_clip CLIP's text features, when fewer
-    than all: its text tower is causal (no token sees a later one) and pools at each caption's
-    end-of-text token, so tokens after the batch's last end-of-text (padding) change nothing.
-    None when that does not hold (another text tower, or no padding to leave out).
-
-    Reads the ids' maximum on the host: free on the CPU, one synchronisation on a GPU."""
-    if (texts is None or type(model) is not open_clip.CLIP or model.attn_mask is None
-            or model.text_pool_type not in ("argmax", "eos")):
-        return None
-    if model.text_pool_type == "argmax":  # open_clip: the end-of-text id is the largest
-        ends = texts.argmax(dim=-1)
-    else:
-        ends = (texts == model.text_eos_id).int().argmax(dim=-1)
-    length = int(ends.max()) + 1
-    return length if length < texts.shape[1] else None
-
-
-def encode_text_prefix(model: "open_clip.CLIP", texts: torch.Tensor, length: int) -> torch.Tensor:
-    """open_clip's CLIP.encode_text(normalize=True) on the first `length` tokens (positions and
-    causal mask cut to match); equal to the full encode when causal_text_length gave `length`."""
-    cast_dtype = model.transformer.get_cast_dtype()
-    texts = texts[:, :length]
-    x = model.token_embedding(texts).to(cast_dtype)
-    x = x + model.positional_embedding[:length].to(cast_dtype)
-    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
-    x = model.ln_final(x)
-    x = text_global_pool(x, texts, model.text_pool_type, eos_token_id=model.text_eos_id)
-    if isinstance(model.text_projection, torch.nn.Linear):
-        x = model.text_projection(x)
-    elif model.text_projection is not None:
-        x = x @ model.text_projection
-    return F.normalize(x, dim=-1)
+                  texts: Optional[torch.Tensor], text_length: Optional[int] = None
+                  ) -> dict[str, torch.Tensor]:
+    """models.encode for a frozen model (call it under no_grad), with a causal text tower run on
+    the batch's used tokens only (training/text_prefix.py): the same features, a fraction of
+    the text tower's work."""
+    return encode_used_tokens(model, None, images, texts, text_length)
 
 
 class StoredTeacher(TeacherSource):

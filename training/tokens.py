@@ -108,6 +108,11 @@ class TokenCapture(nn.Module):
         self._projections = {key: self._projection(model, key) for key in self.keys
                              if key in FINAL_KEYS}
 
+    @property
+    def towers(self) -> set[str]:
+        """The towers ("image", "text") whose token-level outputs are captured."""
+        return {key.split("_", 1)[0] for key in self.keys}
+
     @contextmanager
     def recording(self) -> Iterator[dict[str, torch.Tensor]]:
         """A dict that the forwards run inside the block fill with the recorded outputs

@@ -302,7 +302,7 @@ class Trainer:
     def student_outputs(self, batch: dict) -> dict:
         if "frozen_text_features" in batch:  # a LiT student: the teacher's text features
             return self.engine(batch["image"], None, text_features=batch["frozen_text_features"])
-        return self.engine(batch["image"], batch["text"])
+        return self.engine(batch["image"], batch["text"], text_length=batch.get("text_length"))
 
     @staticmethod
     def share_text_features(micro_batches: list[dict], teacher: dict) -> None:

@@ -10,7 +10,8 @@ from training.config import ModelConfig, OptimConfig
 from training.optim import build_optimizer
 from training.specs import model_spec
 from training.task import DistillationTask
-from training.teachers import LiveTeacher, causal_text_length
+from training.teachers import LiveTeacher
+from training.text_prefix import causal_text_length
 
 
 @pytest.fixture(scope="module")

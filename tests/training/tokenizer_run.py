@@ -56,9 +56,9 @@ def main() -> None:
     received = []  # the ids the live teacher encodes, per step (one micro-batch per step)
     encode = trainer.teacher.encode
 
-    def recording_encode(images, texts):
+    def recording_encode(images, texts, text_length=None):
         received.append(texts.clone())
-        return encode(images, texts)
+        return encode(images, texts, text_length)
 
     trainer.teacher.encode = recording_encode
     trainer.train()

@@ -80,7 +80,8 @@ def accumulation_run(stage: int, shards: str, out: Path) -> dict:
     split = common + ["data.batch_size=4", "optim.grad_accum_steps=2"]
     full_batch_trainer = Trainer(load_config(TINY_DISTILL, full))
     batch = next(iter(full_batch_trainer.make_loader(epoch=0)))
-    halves = [{k: (v[i * 4:(i + 1) * 4] if v is not None else None) for k, v in batch.items()}
+    halves = [{k: (v[i * 4:(i + 1) * 4] if isinstance(v, (torch.Tensor, list)) else v)
+               for k, v in batch.items()}
               for i in range(2)]
     reference = captured_gradient(full_batch_trainer, [batch])
     cached = captured_gradient(Trainer(load_config(TINY_DISTILL, split)), halves)

@@ -46,7 +46,8 @@ MAX_EMPTY_DRAWS = 20
 
 # Batch keys that may be the very same object as another key's value: (key, same as). A worker
 # leaves such a key out of its batch when it would equal the other one; TrainLoader puts it back.
-ALIASED_KEYS = (("teacher_image", "image"), ("teacher_text", "text"))
+ALIASED_KEYS = (("teacher_image", "image"), ("teacher_text", "text"),
+                ("teacher_text_length", "text_length"))
 
 
 class _TrainStream(IterableDataset):
@@ -237,17 +238,28 @@ class _TrainStream(IterableDataset):
         keys, urls, captions, crops, stored = zip(*items)
         captions = [caption for chosen in captions for caption in chosen]
         image, teacher_image = self.views.batch_views(torch.stack(crops))
-        batch = {"image": image, "text": self.tokenizer(captions),
+        text = self.tokenizer(captions)
+        batch = {"image": image, "text": text, "text_length": text_length(text, self.tokenizer),
                  "key": list(keys), "url": list(urls), "caption": captions}
         if not self.views.shared:
             batch["teacher_image"] = teacher_image  # None without a teacher
         if self.teacher_tokenizer is not None:
             batch["teacher_text"] = self.teacher_tokenizer(captions)
+            batch["teacher_text_length"] = text_length(batch["teacher_text"],
+                                                       self.teacher_tokenizer)
         if stored[0] is not None:
             for t in range(len(stored[0][0])):
                 batch[f"stored_image.{t}"] = torch.stack([images[t] for images, _ in stored])
                 batch[f"stored_text.{t}"] = torch.cat([texts[t] for _, texts in stored])
         return batch
+
+
+def text_length(ids: torch.Tensor, tokenizer: Callable) -> int:
+    """The batch's used token positions: up to the last position any row holds a non-padding id
+    in. Counted here on the CPU, so that no training step reads the ids back from its device
+    (training/text_prefix.py runs causal text towers on these positions only)."""
+    used = (ids != getattr(tokenizer, "pad_id", 0)).any(dim=0).nonzero()
+    return int(used[-1]) + 1 if len(used) else 1
 
 
 def choose_captions(available: int, k: int, rng: random.Random) -> list[int]:
@@ -270,8 +282,9 @@ class TrainLoader:
     Batches: dict(image [B,3,H,W], teacher_image [B,3,H',W'] | None (the same tensor as image when
     both preprocessings agree), text [B*K,ctx] LongTensor (K = data.captions_per_image captions
     per image, image-major), teacher_text [B*K,ctx'] (the teacher tokenizer's ids; the same
-    tensor as text without a teacher tokenizer), key, url (its shard) and caption list[str]
-    (B*K)).
+    tensor as text without a teacher tokenizer), text_length / teacher_text_length (int: the
+    positions before the batch's padding, training/text_prefix.py), key, url (its shard) and
+    caption list[str] (B*K)).
     len() is the number of batches iterating yields: batches_per_epoch - skip_batches, equal on
     every rank.
     """
