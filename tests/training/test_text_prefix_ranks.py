@@ -34,11 +34,13 @@ def test_zero3_losses_on_the_used_tokens_equal_the_whole_context(launch):
 
 def test_student_and_teacher_ran_on_the_used_tokens_only_when_on(launch):
     _, ranks = launch
-    for calls in ranks:
-        assert calls["whole-context"] == []
-        used = calls["used-tokens"]
+    for runs in ranks:
+        assert runs["whole-context"]["prefix_encodes"] == []
+        used = runs["used-tokens"]["prefix_encodes"]
         # Per step: the teacher once per micro-batch; the student in the caching pass and the
         # grad pass of each of its 2 micro-batches.
         assert sum(who == "teacher" for *_, who in used) == 3 * 2
         assert sum(who == "student" for *_, who in used) == 3 * 4
         assert all(length < context for context, length, _ in used), used
+        # Every one of those lengths came with the batch from the loader.
+        assert runs["used-tokens"]["loader_counted"] == [True] * len(used)
