@@ -27,7 +27,7 @@ import torch
 from .. import models
 from ..specs import build_student, build_teacher, model_spec
 from .importance import activation_scores, weight_norm_scores
-from .manual import DEPTH_RULES, apply_plan, plan_inheritance
+from .manual import DEPTH_RULES, InheritancePlan, apply_plan, plan_inheritance
 from .record import file_sha256, is_up_to_date, weights_file_of, write_checkpoint
 
 WIDTH_CHOICES = ("front", "weight-norm", "activation")
@@ -93,14 +93,9 @@ def _scores(req: InheritRequest, teacher: torch.nn.Module, info) -> dict | None:
     return activation_scores(teacher, batches)
 
 
-def run_inherit(req: InheritRequest) -> Path:
-    """Inherit and write the checkpoint (or skip when up to date); returns the weights path."""
-    _check(req)
-    inputs = _inputs(req)
-    out = Path(req.out)
-    if is_up_to_date(out, inputs):
-        log.info(f"{out}: up to date, nothing to do")
-        return out / "student.safetensors"
+def inherit(req: InheritRequest) -> tuple[dict[str, torch.Tensor], InheritancePlan, dict]:
+    """The student's inherited state dict (every tensor filled), the plan and both models'
+    parameter counts; nothing is written. Deterministic: the same inputs give the same tensors."""
     teacher, tinfo = build_teacher(req.teacher, req.teacher_pretrained)
     student, _ = build_student(req.student)
     plan = plan_inheritance(teacher, student, req.depth,
@@ -110,6 +105,32 @@ def run_inherit(req: InheritRequest) -> Path:
     models.load_strict(student, state, "inherited state")  # every student tensor filled
     counts = {"teacher": models.tower_param_counts(teacher),
               "student": models.tower_param_counts(student)}
+    return state, plan, counts
+
+
+def inherit_from_teacher(teacher: str, teacher_pretrained: str, student: str
+                         ) -> dict[str, torch.Tensor]:
+    """`model.student_init: teacher`: the state dict `clip-inherit --teacher T --teacher-pretrained
+    P --student S` would write (the default rule: --depth uniform --width front), computed in
+    this process. The global RNG is left as it was (building the two models draws from it), so a
+    run starting so is the run starting from that file. ValueError (one line) when the student
+    cannot inherit from the teacher."""
+    req = InheritRequest(teacher=teacher, student=student, out="",
+                         teacher_pretrained=teacher_pretrained)
+    _check(req)
+    with torch.random.fork_rng(devices=[]):
+        return inherit(req)[0]
+
+
+def run_inherit(req: InheritRequest) -> Path:
+    """Inherit and write the checkpoint (or skip when up to date); returns the weights path."""
+    _check(req)
+    inputs = _inputs(req)
+    out = Path(req.out)
+    if is_up_to_date(out, inputs):
+        log.info(f"{out}: up to date, nothing to do")
+        return out / "student.safetensors"
+    state, plan, counts = inherit(req)
     weights = write_checkpoint(out, state, inputs, {"mapping": plan.to_json(), "param_counts": counts})
     log.info(f"{weights}: student {counts['student']} from teacher {counts['teacher']}")
     return weights
