@@ -168,7 +168,7 @@ class Trainer:
 
     def inherited_from_teacher(self) -> dict[str, torch.Tensor]:
         """`clip-inherit`'s default rule from model.teacher(_pretrained), in this process."""
-        from training.inheritance.cli import inherit_from_teacher
+        from training.inheritance.inherit import inherit_from_teacher
         cfg = self.cfg.model
         try:
             state = inherit_from_teacher(cfg.teacher, cfg.teacher_pretrained, cfg.student)

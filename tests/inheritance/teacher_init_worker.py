@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-import training.inheritance.cli as inheritance_cli
+import training.inheritance.inherit as inheritance
+from training.inheritance.cli import main as clip_inherit
 from tests.helpers.inheritance import model
 from tests.helpers.shards import make_synthetic_shards
 from tests.helpers.trainer import REPO_ROOT, TINY_DISTILL, step_losses, tiny_overrides
@@ -51,7 +52,7 @@ def main(argv: list[str]) -> None:
                                   samples_per_shard=32)["train_shards"]
     teacher = root / "teacher.safetensors"
     save_file(model("Tiny-ViT-Teacher", seed=3).state_dict(), str(teacher))
-    assert inheritance_cli.main(["--teacher", "Tiny-ViT-Teacher", "--teacher-pretrained",
+    assert clip_inherit(["--teacher", "Tiny-ViT-Teacher", "--teacher-pretrained",
                                  str(teacher), "--student", "Tiny-ViT-Student",
                                  "--out", str(root / "inherit")]) == 0
     inherited = load_file(str(root / "inherit" / "student.safetensors"))
@@ -72,10 +73,10 @@ def main(argv: list[str]) -> None:
 
     def no_inheritance_on_resume(*_args):
         raise AssertionError("inherited again on resume")
-    inherit, inheritance_cli.inherit_from_teacher = (inheritance_cli.inherit_from_teacher,
+    inherit, inheritance.inherit_from_teacher = (inheritance.inherit_from_teacher,
                                                      no_inheritance_on_resume)
     Trainer(load_config(TINY_DISTILL, overrides(root, "resumed", "teacher", teacher, train))).train()
-    inheritance_cli.inherit_from_teacher = inherit
+    inheritance.inherit_from_teacher = inherit
     for run in ("teacher", "file", "resumed"):
         out["losses"][run] = step_losses(root / run)
 

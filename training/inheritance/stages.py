@@ -34,7 +34,8 @@ from typing import List, Optional
 from omegaconf import MISSING, OmegaConf
 
 from ..config_files import ConfigError, load_structured, load_yaml
-from .cli import WIDTH_CHOICES, InheritRequest, run_inherit
+from .cli import run_inherit
+from .inherit import WIDTH_CHOICES, InheritRequest
 from .manual import DEPTH_RULES
 
 log = logging.getLogger("clip-stages")
