@@ -73,14 +73,16 @@ class Scale:
     teacher_lr: float
     student_steps: int
     student_lr: float
+    inherited_lr: float  # step 5: inherited weights train best at a higher rate (docs/demo.md)
     eval_every: int      # periodic evaluation of the students (for steps-to-quality)
 
 
 FULL = Scale(train=4000, val=200, zeroshot=240, samples_per_shard=1000, batch=64,
              teacher_steps=250, teacher_lr=1e-3, student_steps=150, student_lr=1e-3,
-             eval_every=25)
+             inherited_lr=2e-3, eval_every=25)
 QUICK = Scale(train=256, val=32, zeroshot=48, samples_per_shard=128, batch=16,
-              teacher_steps=4, teacher_lr=1e-3, student_steps=4, student_lr=1e-3, eval_every=2)
+              teacher_steps=4, teacher_lr=1e-3, student_steps=4, student_lr=1e-3,
+              inherited_lr=1e-3, eval_every=2)
 
 
 class StepFailed(RuntimeError):
@@ -200,9 +202,11 @@ class Demo:
                                "--augmentations", str(STORED["augmentations"]),
                                "--dtype", STORED["dtype"], "--seed", str(self.seed),
                                "--device", "cpu", "--no-progress"])
-        self.train("inherited", *distill, teacher + periodic_eval + [
-            f"model.student_init={inherit_dir / 'student.safetensors'}",
-            "model.teacher_source=shards", f"model.teacher_embeddings={STORED['name']}"], ranks=2)
+        self.train("inherited", distill[0], s.student_steps, s.inherited_lr,
+                   teacher + periodic_eval + [
+                       f"model.student_init={inherit_dir / 'student.safetensors'}",
+                       "model.teacher_source=shards",
+                       f"model.teacher_embeddings={STORED['name']}"], ranks=2)
 
     # ---- 6. evaluation --------------------------------------------------------------------
     def evaluate(self) -> dict[str, dict]:

@@ -2,7 +2,8 @@
 
 Usage: plateau_worker.py ROOT CASES.json OUT.json. Writes synthetic shards under ROOT, trains a
 tiny teacher briefly (configs/tiny-clip.yaml: Tiny-ViT-Teacher, contrastive only) and exports it,
-then for every case and seed runs the case's tiny config (its models, data and optimizer) with
+then for every case and seed runs the case's tiny config (its models, data, optimizer and rate,
+no warm-up) with
 the recipe's `loss` section, `model.fusion` and `model.student_init`, distilling from that
 teacher with real Trainers. CASES.json: {case: {"config": path, "loss": {...}, "fusion": {...}
 or null, "init": "teacher" or null, "term": the term to record}}. OUT.json: {"teacher_clip":
@@ -24,8 +25,10 @@ BATCH, TEACHER_STEPS, STEPS, SEEDS = 32, 60, 30, (0, 1, 2)
 
 def run(config: str, run_dir: Path, steps: int, train: str, term: str, *extra: str
         ) -> dict[int, float]:
+    lr = load_config(config, ["data.train=unused", "model.teacher_pretrained=null",
+                              "model.student_init=null"]).optim.lr  # the recipe's own rate
     overrides = tiny_overrides(train, run_dir, steps, batch_size=BATCH) + [
-        "optim.lr=1e-3", "log.every_steps=1", *extra]
+        f"optim.lr={lr}", "log.every_steps=1", *extra]
     Trainer(load_config(config, overrides)).train()
     return step_losses(run_dir, term)
 

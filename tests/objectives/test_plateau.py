@@ -75,12 +75,21 @@ def distillation_cases() -> dict[str, dict]:
 
 
 CASES = distillation_cases()
+# Cases measured to stay on the plateau with every recipe change tried (docs/objectives.md "The
+# affinity-only plateau"): students that cannot inherit from a ViT teacher, both towers collapsed
+# at init. Not run here (CI time); their test is a non-running xfail until a fix lands.
+KNOWN_PLATEAU = {
+    "mobile-clip-tiny": "MobileNetV3 + Lite Transformer student: affinity + clip stays at "
+                        "3.37-3.59 (ln 32 = 3.47) with interactive, feature (1, 10, 50) or scale 50",
+    "tinyclip-convffn-tiny": "TinyViT + BERT student, the same loss as mobile-clip: 3.45",
+}
 
 
 @pytest.fixture(scope="module")
 def plateau(tmp_path_factory):
     root = tmp_path_factory.mktemp("plateau")
-    (root / "cases.json").write_text(json.dumps(CASES))
+    (root / "cases.json").write_text(json.dumps(
+        {name: case for name, case in CASES.items() if name not in KNOWN_PLATEAU}))
     worker = subprocess.run(
         [sys.executable, "tests/objectives/plateau_worker.py", str(root), str(root / "cases.json"),
          str(root / "results.json")], cwd=REPO_ROOT, env=torchrun_env(), capture_output=True,
@@ -93,6 +102,10 @@ def test_every_recipe_with_a_teacher_is_a_case():
     recipes = [r for case in CASES.values() for r in case["recipes"]]
     assert {"tiny-distill", "kdeov-tiny", "mobile-clip-tiny", "tinyclip-vit-8m-16-text-3m"} <= set(recipes)
     assert "tiny-clip" not in recipes  # no teacher: nothing to distil
+    assert CASES["mobile-clip-tiny"]["recipes"] == ["mobile-clip-tiny", "mobile-clip"]
+    tinyclip = CASES["tiny-distill"]  # the TinyCLIP shapes run on the tiny pair, inherited
+    assert tinyclip["init"] == "teacher" and "tinyclip-resnet-19m-text-19m" in tinyclip["recipes"]
+    assert set(KNOWN_PLATEAU) <= set(CASES)
 
 
 @pytest.mark.slow
@@ -101,11 +114,12 @@ def test_the_teacher_learned(plateau):  # else its targets are near uniform and 
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 12: the shipped recipes still sit on the plateau "
-                   "(docs/objectives.md); remove this marker with the fix")
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case", [
+    pytest.param(name, marks=pytest.mark.xfail(run=False, reason=KNOWN_PLATEAU[name]))
+    if name in KNOWN_PLATEAU else name for name in sorted(CASES)])
 def test_recipe_leaves_the_plateau_on_every_seed(plateau, case):
     plateau_level = math.log(plateau["batch"])
-    for seed, affinity in plateau[case].items():
-        end = sum(affinity[-LAST:]) / LAST
-        assert end < plateau_level - MARGIN, (CASES[case]["recipes"], seed, affinity)
+    assert sorted(plateau[case]) == ["0", "1", "2"]
+    for seed, losses in plateau[case].items():
+        end = sum(losses[-LAST:]) / LAST
+        assert end < plateau_level - MARGIN, (CASES[case]["recipes"], seed, losses)
