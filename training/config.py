@@ -75,6 +75,9 @@ class MaskConfig:
 
 
 FUSION_KINDS = ("film", "cross_attention")
+# model.student_init's keyword: inherit in-process from the configured teacher (clip-inherit's
+# default rule), instead of a state-dict file.
+STUDENT_INIT_TEACHER = "teacher"
 
 
 @dataclass
@@ -104,7 +107,9 @@ class EnsembleTeacher:
 @dataclass
 class ModelConfig:
     student: str = MISSING  # open_clip model name or path to a model-config JSON
-    student_init: Optional[str] = None  # state-dict file (e.g. from clip-inherit)
+    # state-dict file (e.g. from clip-inherit), or "teacher": inherited in-process from
+    # model.teacher + model.teacher_pretrained by clip-inherit's default rule (TinyCLIP's recipes)
+    student_init: Optional[str] = None
     teacher: Optional[str] = None  # open_clip model name or JSON; None = plain CLIP training
     teacher_pretrained: Optional[str] = None  # pretrained tag or local checkpoint file
     teacher_dtype: str = "fp32"  # fp32 | bf16 | fp16
@@ -125,8 +130,14 @@ class ModelConfig:
                  f"must be one of {PRECISIONS}, got {self.teacher_dtype!r}")
         _require(self.teacher_dtype != "fp16" or cuda_available, "model.teacher_dtype",
                  "fp16 needs a GPU; use bf16 or fp32")
-        _require(self.student_init is None or os.path.isfile(self.student_init),
-                 "model.student_init", f"file not found: {self.student_init}")
+        if self.student_init == STUDENT_INIT_TEACHER:
+            _require(self.teacher is not None and self.teacher_pretrained is not None,
+                     "model.student_init", f"{STUDENT_INIT_TEACHER!r} inherits the teacher's "
+                     f"weights: needs model.teacher and model.teacher_pretrained (got "
+                     f"{self.teacher!r}, {self.teacher_pretrained!r})")
+        else:
+            _require(self.student_init is None or os.path.isfile(self.student_init),
+                     "model.student_init", f"file not found: {self.student_init}")
         pretrained = self.teacher_pretrained
         _require(pretrained is None or self.teacher is None  # unused without a teacher
                  or not pretrained.endswith(WEIGHT_FILE_SUFFIXES)

@@ -333,14 +333,18 @@ def model_spec(source: str | os.PathLike | ModelSpec) -> ModelSpec:
 TEACHER_PRECISIONS = {"fp32": "fp32", "bf16": "pure_bf16", "fp16": "pure_fp16"}
 
 
-def build_student(spec: str | ModelSpec, init_state_dict: str | os.PathLike | None = None,
+def build_student(spec: str | ModelSpec,
+                  init_state_dict: str | os.PathLike | dict[str, torch.Tensor] | None = None,
                   precision: str = "fp32", device: str | torch.device = "cpu"
                   ) -> tuple[nn.Module, ModelSpec]:
-    """The trainable student, randomly initialised or from a state-dict file (weight inheritance
-    writes one). `precision` is open_clip's (fp32 for DeepSpeed, which casts itself)."""
+    """The trainable student, randomly initialised or from a state dict: a file (weight
+    inheritance writes one) or the tensors themselves (inherited in-process). `precision` is
+    open_clip's (fp32 for DeepSpeed, which casts itself)."""
     spec = model_spec(spec)
     model = spec.build(precision=precision, device=device)
-    if init_state_dict is not None:
+    if isinstance(init_state_dict, dict):
+        models.load_strict(model, init_state_dict, "student init (inherited state)")
+    elif init_state_dict is not None:
         models.load_strict(model, models.load_state_dict_file(init_state_dict),
                            f"student init {init_state_dict}")
     return model, spec

@@ -37,7 +37,7 @@ from training.accumulation import feature_cached_passes, running_stat_buffers
 from training.checkpoint import (CheckpointManager, DataPosition, RngStates, TrainState,
                                  check_resume, check_total_steps, resolve_resume,
                                  resume_accumulation, tag_for_step)
-from training.config import TrainConfig, save_config, to_dict
+from training.config import STUDENT_INIT_TEACHER, TrainConfig, save_config, to_dict
 from training.data import build_train_loader
 from training.data.sources import parse_sources
 from training.distributed import (all_reduce_flag, average_across_ranks, barrier,
@@ -152,14 +152,31 @@ class Trainer:
 
     # ---- components (one method each, swappable) -------------------------------------------
     def build_student(self) -> torch.nn.Module:
-        """The student model, or with `model.mask` the same model wrapped in L0 gates."""
+        """The student model, or with `model.mask` the same model wrapped in L0 gates; from
+        model.student_init: a file, or `teacher` (inherited here, the same tensors on every
+        rank; skipped on resume, where the checkpoint's weights replace them)."""
         cfg = self.cfg.model
+        init = cfg.student_init
+        if init == STUDENT_INIT_TEACHER:
+            init = None if self.resume_from is not None else self.inherited_from_teacher()
         if cfg.mask is None:
-            return build_student(self.student_spec, cfg.student_init)[0]
+            return build_student(self.student_spec, init)[0]
         from training.inheritance.masked_clip import build_masked_student
         mask = cfg.mask
-        return build_masked_student(cfg.student, cfg.student_init, mask.target_sparsity,
+        return build_masked_student(cfg.student, init, mask.target_sparsity,
                                     mask.start_sparsity, mask.warmup_steps, lr=mask.lr)
+
+    def inherited_from_teacher(self) -> dict[str, torch.Tensor]:
+        """`clip-inherit`'s default rule from model.teacher(_pretrained), in this process."""
+        from training.inheritance.inherit import inherit_from_teacher
+        cfg = self.cfg.model
+        try:
+            state = inherit_from_teacher(cfg.teacher, cfg.teacher_pretrained, cfg.student)
+        except ValueError as err:
+            raise ValueError(f"key model.student_init: {STUDENT_INIT_TEACHER}: {err}") from None
+        log.info(f"student initialised from {cfg.teacher} ({cfg.teacher_pretrained}) by "
+                 f"manual inheritance (clip-inherit's default rule)")
+        return state
 
     def lock_text_tower(self, student: torch.nn.Module) -> None:
         """A LiT student (`lit:`): the teacher's text tower copied in and frozen: the live

@@ -22,6 +22,7 @@ def tiny_overrides(train_shards: str, run_dir, steps: int, batch_size: int = 8) 
     return [
         f"data.train={train_shards}", f"run_dir={run_dir}", f"data.batch_size={batch_size}",
         "data.workers=0", "data.shuffle_buffer=50", "model.teacher_pretrained=null",
+        "model.student_init=null",  # the recipes' `teacher` init needs teacher weights
         "optim.epochs=null", f"optim.total_steps={steps}", "optim.warmup_steps=0",
         "optim.lr=5e-4", "log.every_steps=1", "log.tensorboard=false", "checkpoint.resume=null",
         "checkpoint.every_steps=0", "deepspeed.dist_timeout_s=120",

@@ -22,7 +22,7 @@ def run_script(tmp_path, cpus_per_task: str | None) -> list[str]:
         (bin_dir / name).chmod(stat.S_IRWXU)
     spec = JobSpec(config="configs/tiny-distill.yaml", run_dir=str(tmp_path / "run"),
                    overrides=["data.train=/d/shard-{000000..000001}.tar",
-                             "model.teacher_pretrained=null"])
+                             "model.teacher_pretrained=null", "model.student_init=null"])
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "STUB_LOG": str(log),
            "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n1", "SLURM_JOB_NUM_NODES": "1"}
     env.pop("SLURM_CPUS_PER_TASK", None)

@@ -10,6 +10,7 @@ from launch.submit import JobSpec, parse_time, render
 CONFIG = "configs/tiny-distill.yaml"
 DATA = "data.train=/data/train/shard-{000000..000009}.tar"
 NO_TEACHER_FILE = "model.teacher_pretrained=null"  # the recipe's teacher file need not exist here
+NO_INIT = "model.student_init=null"  # the recipe's `teacher` init needs that file
 
 
 def clip_submit(*args: str) -> subprocess.CompletedProcess:
@@ -40,7 +41,7 @@ OPTION_SETS = {
 def test_dry_run_renders_a_script_bash_accepts(name, tmp_path):
     options, expected = OPTION_SETS[name]
     result = clip_submit(CONFIG, "--run-dir", str(tmp_path / "run dir"), *options, DATA,
-                         NO_TEACHER_FILE, "optim.lr=3e-4", "--dry-run")
+                         NO_TEACHER_FILE, NO_INIT, "optim.lr=3e-4", "--dry-run")
     assert result.returncode == 0, result.stderr
     script = result.stdout
     assert script.startswith("#!/bin/bash\n")
@@ -49,7 +50,7 @@ def test_dry_run_renders_a_script_bash_accepts(name, tmp_path):
     assert syntax.returncode == 0, syntax.stderr
     # The overrides reach the trainer, quoted; nothing is written by a dry run.
     assert ("TRAINER_ARGS=('data.train=/data/train/shard-{000000..000009}.tar' "
-            "model.teacher_pretrained=null optim.lr=3e-4 )") in script
+            "model.teacher_pretrained=null model.student_init=null optim.lr=3e-4 )") in script
     assert not (tmp_path / "run dir").exists()
     if "--job-name" not in options:
         assert "--job-name=run_dir" in directives(script)  # from the run directory, made safe
@@ -57,13 +58,13 @@ def test_dry_run_renders_a_script_bash_accepts(name, tmp_path):
 
 def test_rendered_values_survive_bash_quoting(tmp_path):
     """Source the variable block of the script in bash and read the values back."""
-    spec = JobSpec(config=CONFIG, run_dir=str(tmp_path / "a run"), overrides=[DATA, NO_TEACHER_FILE, "seed=3"],
+    spec = JobSpec(config=CONFIG, run_dir=str(tmp_path / "a run"), overrides=[DATA, NO_TEACHER_FILE, NO_INIT, "seed=3"],
                    env=["NOTE=it's $HOME `x`"], nodes=2, gpus_per_node=4)
     script = render(spec)
     block = script[script.index("RUN_DIR="):script.index("\ncd ")]
     probe = block + '\nprintf "%s\\n" "$RUN_DIR" "$NPROC_PER_NODE" "$NOTE" "${TRAINER_ARGS[@]}"'
     out = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, check=True).stdout
-    assert out.splitlines() == [str(tmp_path / "a run"), "4", "it's $HOME `x`", DATA, NO_TEACHER_FILE, "seed=3"]
+    assert out.splitlines() == [str(tmp_path / "a run"), "4", "it's $HOME `x`", DATA, NO_TEACHER_FILE, NO_INIT, "seed=3"]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -84,7 +85,7 @@ def test_rendered_values_survive_bash_quoting(tmp_path):
     (["--script", "missing.py"], "--script missing.py: file not found"),
 ])
 def test_bad_options_are_one_line_errors(args, message, tmp_path):
-    result = clip_submit(CONFIG, "--run-dir", str(tmp_path / "r"), DATA, NO_TEACHER_FILE, *args,
+    result = clip_submit(CONFIG, "--run-dir", str(tmp_path / "r"), DATA, NO_TEACHER_FILE, NO_INIT, *args,
                          "--dry-run")
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
@@ -102,14 +103,14 @@ def test_bad_config_files_are_one_line_errors(tmp_path):
 
 
 def test_gpu_nodes_get_the_fp16_config_accepted_and_ranks_per_gpu(tmp_path):
-    spec = JobSpec(config=CONFIG, run_dir=str(tmp_path), overrides=[DATA, NO_TEACHER_FILE, "deepspeed.precision=fp16"],
+    spec = JobSpec(config=CONFIG, run_dir=str(tmp_path), overrides=[DATA, NO_TEACHER_FILE, NO_INIT, "deepspeed.precision=fp16"],
                    gpus_per_node=8)
     assert "NPROC_PER_NODE=8\n" in render(spec)
 
 
 def test_submit_without_sbatch_is_a_clear_error(tmp_path):
     result = subprocess.run([sys.executable, "-m", "launch.submit", CONFIG, "--run-dir", str(tmp_path / "r"),
-                             DATA, NO_TEACHER_FILE], capture_output=True, text=True, env={"PATH": "/nonexistent"})
+                             DATA, NO_TEACHER_FILE, NO_INIT], capture_output=True, text=True, env={"PATH": "/nonexistent"})
     assert result.returncode == 2 and "sbatch not found on PATH" in result.stderr
 
 

@@ -28,7 +28,8 @@ CPU_ENV = [arg for key, value in CPU_GLOO_ENV.items() for arg in ("--env", f"{ke
 
 def trainer_overrides(train_shards: str) -> list[str]:
     """A short run: random teacher, 16 per rank per step, a metrics line every step."""
-    return [f"data.train={train_shards}", "model.teacher_pretrained=null", "optim.epochs=null",
+    return [f"data.train={train_shards}", "model.teacher_pretrained=null",
+            "model.student_init=null", "optim.epochs=null",
             f"optim.total_steps={TOTAL_STEPS}", "optim.warmup_steps=0", "data.batch_size=16",
             "data.workers=0", "log.every_steps=1", "log.tensorboard=false",
             "checkpoint.every_steps=0"]

@@ -201,7 +201,7 @@ def test_clip_train_on_a_run_dir_in_use_is_one_line_exit_2(tmp_path):
                                                 "host": socket.gethostname(), "started": "x"}))
         result = subprocess.run(
             [sys.executable, "-m", "training", "--config", TINY_DISTILL, "data.train=x.tar",
-             f"run_dir={run_dir}", "model.teacher_pretrained=null"],
+             f"run_dir={run_dir}", "model.teacher_pretrained=null", "model.student_init=null"],
             cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
             env={**os.environ, "SLURM_JOB_ID": "1000"})
     finally:

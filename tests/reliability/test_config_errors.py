@@ -8,7 +8,8 @@ import pytest
 from tests.helpers.trainer import TINY_DISTILL
 from training.config import ConfigError, load_config
 
-BASE = ["data.train=x.tar", "run_dir=/tmp/unused", "model.teacher_pretrained=null"]
+BASE = ["data.train=x.tar", "run_dir=/tmp/unused", "model.teacher_pretrained=null",
+        "model.student_init=null"]
 
 
 @pytest.mark.parametrize("override, says", [

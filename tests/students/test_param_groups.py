@@ -119,7 +119,8 @@ def test_clip_train_refuses_an_unmatched_glob_in_one_line_before_training(tmp_pa
     result = subprocess.run(
         [sys.executable, "-m", "training", "--config", TINY_DISTILL,
          f"data.train={shards['train_shards']}",
-         f"run_dir={tmp_path / 'run'}", "model.teacher_pretrained=null", "data.workers=0",
+         f"run_dir={tmp_path / 'run'}", "model.teacher_pretrained=null",
+         "model.student_init=null", "data.workers=0",
          "optim.param_groups=[{name: heads, match: ['heads.*'], lr: 0.002}]"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr[-2000:]

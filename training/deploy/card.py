@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 from training.checkpoint_files import LATEST, find_tag_dir, read_run_record
+from training.config import STUDENT_INIT_TEACHER
 from training.files import write_json_atomic, write_text_atomic
 from training.inheritance.record import RECORD_FILE, file_sha256, weights_file_of
 
@@ -83,6 +84,8 @@ def inheritance_of(student_init: str | None) -> dict | None:
     the ones it describes."""
     if not student_init:
         return None
+    if student_init == STUDENT_INIT_TEACHER:  # inherited in-process: no file, no record
+        return {"student_init": student_init, "record": None}
     record = _read_json(Path(student_init).parent / RECORD_FILE)
     entry = {"student_init": student_init}
     if record is None:

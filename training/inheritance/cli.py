@@ -18,34 +18,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 
-import torch
-
-from .. import models
-from ..specs import build_student, build_teacher, model_spec
-from .importance import activation_scores, weight_norm_scores
-from .manual import DEPTH_RULES, apply_plan, plan_inheritance
+from ..specs import model_spec
+from .inherit import WIDTH_CHOICES, InheritRequest, check_request, inherit
+from .manual import DEPTH_RULES
 from .record import file_sha256, is_up_to_date, weights_file_of, write_checkpoint
 
-WIDTH_CHOICES = ("front", "weight-norm", "activation")
 log = logging.getLogger("clip-inherit")
-
-
-@dataclass
-class InheritRequest:
-    """Everything one inheritance depends on (what the record's inputs hash covers)."""
-    teacher: str
-    student: str
-    out: str
-    teacher_pretrained: str | None = None
-    depth: str = "uniform"
-    width: str = "front"
-    data: str | None = None
-    batches: int = 4
-    batch_size: int = 32
 
 
 def _inputs(req: InheritRequest) -> dict:
@@ -63,53 +43,15 @@ def _inputs(req: InheritRequest) -> dict:
     }
 
 
-def _check(req: InheritRequest) -> None:
-    """Bad arguments fail here, in one line, before any model is built."""
-    if req.depth not in DEPTH_RULES:
-        raise ValueError(f"--depth {req.depth!r}: expected one of {', '.join(DEPTH_RULES)}")
-    if req.width not in WIDTH_CHOICES:
-        raise ValueError(f"--width {req.width!r}: expected one of {', '.join(WIDTH_CHOICES)}")
-    if req.width == "activation" and not req.data:
-        raise ValueError("--width activation needs --data (a shard spec)")
-    if req.batches < 1 or req.batch_size < 1:
-        raise ValueError(f"--batches and --batch-size must be >= 1 (got {req.batches}, {req.batch_size})")
-    if req.teacher_pretrained and not weights_file_of(req.teacher_pretrained) \
-            and Path(req.teacher_pretrained).suffix in models.STATE_DICT_SUFFIXES:
-        raise ValueError(f"--teacher-pretrained {req.teacher_pretrained}: file not found")
-
-
-def _scores(req: InheritRequest, teacher: torch.nn.Module, info) -> dict | None:
-    if req.width == "front":
-        return None
-    if req.width == "weight-norm":
-        return weight_norm_scores(teacher)
-    # The evaluation reader: every sample once, in shard order, unaugmented (what statistics want).
-    from ..evaluation.datasets import build_eval_loader, open_eval_set
-    from ..evaluation.suite import eval_transform
-    loader = build_eval_loader(open_eval_set(req.data), eval_transform(info.preprocess_cfg),
-                               req.batch_size)
-    batches = ((b["image"], info.tokenizer([captions[0] for captions in b["captions"]]))
-               for b in islice(loader, req.batches) if b["image"] is not None)
-    return activation_scores(teacher, batches)
-
-
 def run_inherit(req: InheritRequest) -> Path:
     """Inherit and write the checkpoint (or skip when up to date); returns the weights path."""
-    _check(req)
+    check_request(req)
     inputs = _inputs(req)
     out = Path(req.out)
     if is_up_to_date(out, inputs):
         log.info(f"{out}: up to date, nothing to do")
         return out / "student.safetensors"
-    teacher, tinfo = build_teacher(req.teacher, req.teacher_pretrained)
-    student, _ = build_student(req.student)
-    plan = plan_inheritance(teacher, student, req.depth,
-                            "front" if req.width == "front" else "importance",
-                            _scores(req, teacher, tinfo))
-    state = apply_plan(teacher.state_dict(), student, plan)
-    models.load_strict(student, state, "inherited state")  # every student tensor filled
-    counts = {"teacher": models.tower_param_counts(teacher),
-              "student": models.tower_param_counts(student)}
+    state, plan, counts = inherit(req)
     weights = write_checkpoint(out, state, inputs, {"mapping": plan.to_json(), "param_counts": counts})
     log.info(f"{weights}: student {counts['student']} from teacher {counts['teacher']}")
     return weights

@@ -192,7 +192,8 @@ class MaskedCLIP(nn.Module, TrainingHooks):
         return out
 
 
-def build_masked_student(name_or_json: str, init_state_dict: str | None, target_sparsity: float,
+def build_masked_student(name_or_json: str, init_state_dict: str | dict | None,
+                         target_sparsity: float,
                          start_sparsity: float = 0.0, warmup_steps: int = 0, *,
                          lr: float = 0.05) -> MaskedCLIP:
     """A MaskedCLIP around a student built from its spec (e.g. from clip-inherit weights)."""

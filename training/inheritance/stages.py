@@ -34,7 +34,8 @@ from typing import List, Optional
 from omegaconf import MISSING, OmegaConf
 
 from ..config_files import ConfigError, load_structured, load_yaml
-from .cli import WIDTH_CHOICES, InheritRequest, run_inherit
+from .cli import run_inherit
+from .inherit import WIDTH_CHOICES, InheritRequest
 from .manual import DEPTH_RULES
 
 log = logging.getLogger("clip-stages")
@@ -159,8 +160,9 @@ def training_command(cfg: StagesConfig, index: int, student_init: Optional[str])
                  "checkpoint.export_at_end=true"]
     if cfg.teacher_pretrained is not None:
         overrides.append(f"model.teacher_pretrained={cfg.teacher_pretrained}")
-    if student_init is not None:
-        overrides.append(f"model.student_init={student_init}")
+    # Always set: the recipe's own init (e.g. `teacher`) would replace the stage's choice, even
+    # the previous stage's weights a `student: previous` stage is built with.
+    overrides.append(f"model.student_init={student_init if student_init is not None else 'null'}")
     if cfg.data is not None:
         overrides.append(f"data.train={cfg.data}")
     return [*cfg.launcher, "--config", cfg.train_config, *overrides, *cfg.train_overrides,
