@@ -23,13 +23,11 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import yaml
 
-from tests.helpers.torchrun import torchrun_env
+from tests.helpers.torchrun import run_worker
 from tests.helpers.trainer import REPO_ROOT, TINY_DISTILL
 from training.config import STUDENT_INIT_TEACHER, load_config, to_dict
 
@@ -91,11 +89,8 @@ def plateau(tmp_path_factory):
     root = tmp_path_factory.mktemp("plateau")
     (root / "cases.json").write_text(json.dumps(
         {name: case for name, case in CASES.items() if name not in KNOWN_PLATEAU}))
-    worker = subprocess.run(
-        [sys.executable, "tests/objectives/plateau_worker.py", str(root), str(root / "cases.json"),
-         str(root / "results.json")], cwd=REPO_ROOT, env=torchrun_env(), capture_output=True,
-        text=True, timeout=570)
-    assert worker.returncode == 0, worker.stdout[-3000:] + worker.stderr[-3000:]
+    run_worker("tests/objectives/plateau_worker.py", root, root / "cases.json",
+               root / "results.json")
     return json.loads((root / "results.json").read_text())
 
 
