@@ -53,6 +53,10 @@ VARIANTS = {
     "affinity+clip+feature": [*NO_SHORTHAND, "loss.terms={affinity: {}, clip: {}, "
                               "feature: {kind: cosine}}"],
     "clip+feature+interactive": [*NO_SHORTHAND, f"loss.terms={{{RECOMMENDED}}}"],
+    # the recommended combination less one term each: which of its terms matters?
+    "clip+feature": [*NO_SHORTHAND, "loss.terms={clip: {}, feature: {kind: cosine}}"],
+    "clip+interactive": [*NO_SHORTHAND, "loss.terms={clip: {}, interactive: {}}"],
+    "feature+interactive": [*NO_SHORTHAND, "loss.terms={feature: {kind: cosine}, interactive: {}}"],
     # the recommended combination plus one more term each: does any improve it?
     **{f"clip+feature+interactive+{name}": [*NO_SHORTHAND, f"loss.terms={{{RECOMMENDED}, {term}}}"]
        for name, term in [("tempkd", "tempkd: {}"), ("intermediate", f"intermediate: {BLOCKS}"),
