@@ -1,7 +1,7 @@
 """The objective's terms, one at a time and combined, on the demo's synthetic set (issue 12).
 
     python benchmarks/objectives_ablation.py [--out runs/objectives-ablation] [--seeds 0 1 2]
-        [--variants scratch affinity ...] [--jobs 2] [--teacher-steps 250]
+        [--variants scratch affinity ...] [--jobs 2] [--teacher-steps 250] [--from-demo runs/demo]
 
 The demo's data and teacher (training/demo.py's FULL scale: 4000 train / 200 val with 5 captions
 / 240 zero-shot images; Tiny-ViT-Teacher, contrastive only, batch 64, lr 1e-3), the teacher
@@ -12,15 +12,18 @@ of 64, lr 1e-3), one process each (not torchrun), per variant and seed; each eva
 more seeds or variants can be added later. Prints (and writes OUT/ablation.md) the mean and the
 spread (min-max) over the seeds of mean recall and zero-shot top-1, plus the teacher's loss per
 window of 50 steps (to see that it converged). Every number comes from a run's eval json.
+--from-demo DIR copies a finished demo's data, teacher export and teacher eval (seed 0, the same
+scale) into OUT, so the teacher is not trained again.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,6 +37,7 @@ NO_SHORTHAND = ["loss.affinity_weight=0", "loss.clip_weight=0", "loss.feature_we
                 "loss.fixed_logit_scale=null"]
 # [student block, teacher block]: the student's last of 2 blocks mimics the teacher's last of 4
 BLOCKS = "{pairs: {image: [[1, 3]], text: [[1, 3]]}, kind: mse}"
+RECOMMENDED = "clip: {}, feature: {kind: cosine}, interactive: {}"
 VARIANTS = {
     # the clip term alone is training from scratch: no teacher at all
     "scratch": ["model.teacher=null", "model.teacher_pretrained=null", *NO_SHORTHAND,
@@ -48,8 +52,15 @@ VARIANTS = {
     # DISTILL_LOSS since)
     "affinity+clip+feature": [*NO_SHORTHAND, "loss.terms={affinity: {}, clip: {}, "
                               "feature: {kind: cosine}}"],
-    "clip+feature+interactive": [*NO_SHORTHAND, "loss.terms={clip: {}, feature: {kind: cosine}, "
-                                 "interactive: {}}"],
+    "clip+feature+interactive": [*NO_SHORTHAND, f"loss.terms={{{RECOMMENDED}}}"],
+    # the recommended combination less one term each: which of its terms matters?
+    "clip+feature": [*NO_SHORTHAND, "loss.terms={clip: {}, feature: {kind: cosine}}"],
+    "clip+interactive": [*NO_SHORTHAND, "loss.terms={clip: {}, interactive: {}}"],
+    "feature+interactive": [*NO_SHORTHAND, "loss.terms={feature: {kind: cosine}, interactive: {}}"],
+    # the recommended combination plus one more term each: does any improve it?
+    **{f"clip+feature+interactive+{name}": [*NO_SHORTHAND, f"loss.terms={{{RECOMMENDED}, {term}}}"]
+       for name, term in [("tempkd", "tempkd: {}"), ("intermediate", f"intermediate: {BLOCKS}"),
+                          ("attribution", "attribution: {}"), ("affinity", "affinity: {}")]},
 }
 
 
@@ -72,6 +83,35 @@ def evaluate(demo: Demo, name: str) -> dict:
                                   str(demo.data / "zeroshot"), "--device", "cpu", "--out",
                                   str(path)])
     return json.loads(path.read_text())
+
+
+# what --from-demo copies: everything the ablation reads of the data and the teacher
+DEMO_PARTS = ("data", "teacher/export", "teacher/done.json", "teacher/metrics.jsonl",
+              "eval/teacher.json")
+
+
+def reuse_demo(demo_out: Path, out: Path, scale) -> None:
+    """Copy a finished demo's data and teacher into OUT (parts already there are kept)."""
+    settings = demo_out / "demo.json"
+    if not settings.is_file():
+        raise StepFailed(f"--from-demo {demo_out}: no demo.json (not a demo's --out)")
+    theirs = json.loads(settings.read_text())
+    wanted = {"seed": 0, **{key: value for key, value in asdict(scale).items()
+                            if key != "student_steps"}}  # the students are the ablation's own
+    found = {"seed": theirs.get("seed"), **theirs.get("scale", {})}
+    differ = [f"{key} {found.get(key)} (needs {value})" for key, value in wanted.items()
+              if found.get(key) != value]
+    if differ:
+        raise StepFailed(f"--from-demo {demo_out}: made with {', '.join(differ)}")
+    missing = [part for part in DEMO_PARTS if not (demo_out / part).exists()]
+    if missing:
+        raise StepFailed(f"--from-demo {demo_out}: missing {', '.join(missing)} "
+                         "(an unfinished demo?)")
+    for part in DEMO_PARTS:
+        source, target = demo_out / part, out / part
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            (shutil.copytree if source.is_dir() else shutil.copy2)(source, target)
 
 
 def quality(record: dict) -> tuple[float, float]:
@@ -118,6 +158,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=2, help="trainings at a time")
     parser.add_argument("--teacher-steps", type=int, default=FULL.teacher_steps)
     parser.add_argument("--student-steps", type=int, default=FULL.student_steps)
+    parser.add_argument("--from-demo", metavar="DIR",
+                        help="copy the data and teacher of a finished training/demo.py run "
+                        "(its --out) instead of making them")
     parser.add_argument("--table-only", action="store_true",
                         help="train nothing: the table of the runs already evaluated in OUT")
     return parser.parse_args(argv)
@@ -131,6 +174,8 @@ def main(argv=None) -> int:
     # one Demo per student seed, all on the same OUT: the data and the teacher are seed 0's
     demos = {seed: Demo(out, scale, seed) for seed in {0, *args.seeds}}
     try:
+        if args.from_demo and not args.table_only:
+            reuse_demo(Path(args.from_demo).resolve(), out, scale)
         if not args.table_only:
             demos[0].make_data()
             demos[0].train("teacher", "configs/tiny-clip.yaml", scale.teacher_steps, scale.teacher_lr,
