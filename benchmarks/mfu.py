@@ -38,7 +38,6 @@ from training.evaluation.cost import count_flops  # noqa: E402
 from training.evaluation.features import autocast  # noqa: E402
 from training.objectives import DistillationLoss  # noqa: E402
 from training.specs import build_student, build_teacher  # noqa: E402
-from training.teachers import encode_frozen  # noqa: E402
 from training.text_prefix import encode_used_tokens  # noqa: E402
 
 
@@ -123,8 +122,8 @@ class Step:
                 "teacher_text_length": batch["teacher_text_length"]}
 
     def teacher_forward(self, batch: dict) -> dict:
-        return encode_frozen(self.teacher, batch["teacher_image"], batch["teacher_text"],
-                             batch["teacher_text_length"])
+        return encode_used_tokens(self.teacher, None, batch["teacher_image"],
+                                  batch["teacher_text"], batch["teacher_text_length"])
 
     def student_forward(self, batch: dict) -> dict:
         """As the trainer's task runs it: a causal text tower on the batch's used tokens."""

@@ -10,8 +10,8 @@ thread, CPU time per call (time.process_time), median over `iters` calls after 3
 the variants of each part interleaved for `rounds` rounds so that a neighbour's load hits all of
 them alike. Parts:
 
-- teacher forward: open_clip's full encode vs `training.teachers.encode_frozen` (the causal
-  text tower on the batch's used tokens, training/text_prefix.py), in fp32, and with `--bf16`
+- teacher forward: open_clip's full encode vs `training.text_prefix.encode_used_tokens`
+  (the causal text tower on the batch's used tokens), in fp32, and with `--bf16`
   in bf16 too (model.teacher_dtype);
 - student forward + backward (the task module, a contrastive loss): open_clip's full encode vs
   the task's forward with the loader's used length (the same text_prefix path);
@@ -37,7 +37,7 @@ from training import models  # noqa: E402
 from training.data.loader import text_length  # noqa: E402
 from training.specs import build_student, build_teacher, model_spec  # noqa: E402
 from training.task import DistillationTask  # noqa: E402
-from training.teachers import encode_frozen  # noqa: E402
+from training.text_prefix import encode_used_tokens  # noqa: E402
 
 CAPTIONS = ["two small red circles at the top left of a white picture",
             "a big blue square in the middle of a white picture",
@@ -70,7 +70,8 @@ def teacher_variants(name: str, batch: int, dtypes: tuple[str, ...]) -> dict:
     variants = {}
     for dtype in dtypes:
         teacher, _ = build_teacher(name, dtype=dtype)
-        for label, encode in (("full", models.encode), ("used tokens", encode_frozen)):
+        used_tokens = lambda model, i, t: encode_used_tokens(model, None, i, t)  # noqa: E731
+        for label, encode in (("full", models.encode), ("used tokens", used_tokens)):
             def run(teacher=teacher, encode=encode):
                 with torch.no_grad():
                     encode(teacher, images, texts)

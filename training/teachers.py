@@ -137,15 +137,6 @@ class LiveTeacher(TeacherSource):
         return encode_used_tokens(self.model, self.capture, images, texts, text_length)
 
 
-def encode_frozen(model: torch.nn.Module, images: Optional[torch.Tensor],
-                  texts: Optional[torch.Tensor], text_length: Optional[int] = None
-                  ) -> dict[str, torch.Tensor]:
-    """models.encode for a frozen model (call it under no_grad), with a causal text tower run on
-    the batch's used tokens only (training/text_prefix.py): the same features, a fraction of
-    the text tower's work."""
-    return encode_used_tokens(model, None, images, texts, text_length)
-
-
 class StoredTeacher(TeacherSource):
     """Teacher embeddings read from the shards' embedding set (clip-data embed): no model is
     built or loaded. The loader joins each sample's stored embeddings of the very augmentation
