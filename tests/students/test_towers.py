@@ -77,6 +77,20 @@ def test_lite_transformer_real_tokens_do_not_see_padding():
     assert not torch.allclose(tower(changed, 0)[0][:, 0], short_out[:, 0])
 
 
+def test_bert_tower_starts_without_segment_and_position_offsets_which_still_learn():
+    from training.students.hf_text import BertTower
+    torch.manual_seed(0)
+    tower = BertTower({"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "intermediate_size": 32}, vocab_size=50, context_length=8)
+    embeddings = tower.bert.embeddings
+    assert not embeddings.token_type_embeddings.weight.any()
+    assert not embeddings.position_embeddings.weight.any()
+    assert embeddings.word_embeddings.weight.std().item() == pytest.approx(0.02, rel=0.2)
+    tokens, _ = tower(torch.tensor([[5, 7, 9, 0]]), pad_id=0)
+    tokens.square().sum().backward()
+    assert embeddings.position_embeddings.weight.grad[:3].abs().sum(1).gt(0).all()
+
+
 def test_timm_tower_loads_a_local_timm_file_strictly_and_never_downloads(tmp_path, monkeypatch):
     from safetensors.torch import save_file
     torch.manual_seed(1)
