@@ -1,7 +1,7 @@
 """The token-level terms (intermediate features, attribution alignment) wired through the trainer.
 
 Real `python -m training` runs (training.cli.main, several in one worker process so the imports
-are paid once: trainer_terms_worker.py) of configs/tiny-distill.yaml on 16 stored-embedding
+are paid once: tests/helpers/clip_train_runs.py) of configs/tiny-distill.yaml on 16 stored-embedding
 samples, one batch of 16 per step (every step sees the same images, so a term that is learned
 falls step after step):
 - `loss.terms.intermediate` + `loss.terms.attribution` (captions: all) with uncertainty balancing:
@@ -53,7 +53,7 @@ def runs(tmp_path_factory):
                               "loss.terms.intermediate.pairs={image: [[5, 3]]}"),
     }
     (root / "runs.json").write_text(json.dumps(plan))
-    run_worker("tests/objectives/trainer_terms_worker.py", root / "runs.json",
+    run_worker("tests/helpers/clip_train_runs.py", root / "runs.json",
                root / "results.json")
     return root, json.loads((root / "results.json").read_text())
 

@@ -4,9 +4,12 @@ stderr and exit 2 before anything is built; a raised total_steps continues with 
 schedule (no zero-lr step).
 
 One 2-step ZeRO-1 run (the review's case: resuming it at ZeRO-0 used to end in DeepSpeed's
-AttributeError, at ZeRO-3 in an AssertionError, on 2 ranks in a ZeRORuntimeException)."""
+AttributeError, at ZeRO-3 in an AssertionError, on 2 ranks in a ZeRORuntimeException). The
+refused single-process resumes run through training.cli.main, one after another in one worker
+process (tests/helpers/clip_train_runs.py: the imports are paid once)."""
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -14,7 +17,7 @@ import sys
 import pytest
 
 from tests.helpers.shards import make_synthetic_shards
-from tests.helpers.torchrun import REPO_ROOT, run_torchrun
+from tests.helpers.torchrun import REPO_ROOT, run_torchrun, run_worker
 from tests.helpers.trainer import TINY_DISTILL, read_metrics, tiny_overrides
 from training.optim import warmup_cosine_factor
 
@@ -40,18 +43,37 @@ def finished_run(tmp_path_factory):
     return run_dir, args
 
 
-@pytest.mark.parametrize("change, named", [
-    ("deepspeed.zero_stage=0", "deepspeed.zero_stage=1"),
-    ("deepspeed.zero_stage=3", "deepspeed.zero_stage=1"),
-    ("data.batch_size=16", "data.batch_size=8"),
-    ("model.student=Inherit-Tiny-ViT-Shallow", "model.student='Tiny-ViT-Student'"),
-])
-def test_changed_setting_is_one_line_exit_2(finished_run, change, named):
+CHANGES = {  # the changed setting: how the refusal names the run's own
+    "deepspeed.zero_stage=0": "deepspeed.zero_stage=1",
+    "deepspeed.zero_stage=3": "deepspeed.zero_stage=1",
+    "data.batch_size=16": "data.batch_size=8",
+    "model.student=Inherit-Tiny-ViT-Shallow": "model.student='Tiny-ViT-Student'",
+}
+SHORTER = "optim.total_steps=1"
+
+
+@pytest.fixture(scope="module")
+def refused(finished_run, tmp_path_factory):
+    """{override: {"status", "stdout", "stderr"}} of `python -m training` resuming the finished run
+    with each changed setting, and with a shorter total_steps (last: it fails after the process
+    group is up)."""
     run_dir, args = finished_run
-    result = clip_train(args + ["optim.total_steps=4", change])
-    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "Traceback" not in result.stderr + result.stdout
-    lines = result.stderr.strip().splitlines()
+    root = tmp_path_factory.mktemp("refused")
+    plan = {change: ["--config", TINY_DISTILL, *args, "optim.total_steps=4", change]
+            for change in CHANGES}
+    plan[SHORTER] = ["--config", TINY_DISTILL, *args, SHORTER]
+    (root / "runs.json").write_text(json.dumps(plan))
+    run_worker("tests/helpers/clip_train_runs.py", root / "runs.json", root / "results.json")
+    return json.loads((root / "results.json").read_text())
+
+
+@pytest.mark.parametrize("change", CHANGES)
+def test_changed_setting_is_one_line_exit_2(finished_run, refused, change):
+    run_dir, _ = finished_run
+    result, named = refused[change], CHANGES[change]
+    assert result["status"] == 2, result["stdout"][-2000:] + result["stderr"][-2000:]
+    assert "Traceback" not in result["stderr"] + result["stdout"]
+    lines = result["stderr"].strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("clip-train: error: checkpoint.resume:")
     assert named in lines[0] and f"set {named.split('=')[0]}=" in lines[0]
     assert max(r["step"] for r in read_metrics(run_dir) if "loss" in r) == 2  # nothing trained
@@ -71,10 +93,9 @@ def test_world_size_that_cannot_keep_the_global_batch_is_one_line_exit_2(finishe
                           "data.batch_size=4" in line for line in errors)
 
 
-def test_shorter_total_steps_is_refused(finished_run):
-    run_dir, args = finished_run
-    result = clip_train(args + ["optim.total_steps=1"])
-    assert result.returncode == 2 and "optim.total_steps: this run has 1 steps" in result.stderr
+def test_shorter_total_steps_is_refused(refused):
+    result = refused[SHORTER]
+    assert result["status"] == 2 and "optim.total_steps: this run has 1 steps" in result["stderr"]
 
 
 def test_raised_total_steps_continues_the_schedule_without_a_zero_lr_step(finished_run):
