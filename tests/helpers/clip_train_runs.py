@@ -1,10 +1,13 @@
 """Several `python -m training` runs in one process (the interpreter's imports paid once).
 
-Usage: python tests/helpers/clip_train_runs.py RUNS.json OUT.json (from a test: run_worker).
-RUNS.json maps a run's name to its argv (what `python -m training` would get); each is passed to
-`training.cli.main`, the very function `python -m training` calls, in order. Writes OUT.json: per
-run its exit status and what it printed on stdout and on stderr. A run that fails after joining
-a process group (e.g. a refused optim.total_steps) should come last.
+    from tests.helpers.clip_train_runs import clip_train_runs
+    results = clip_train_runs({"a": ["--config", cfg, ...], "b": [...]}, tmp_path)
+    results["a"]["status"], results["a"]["stdout"], results["a"]["stderr"]
+
+clip_train_runs starts this file as a worker (run_worker: the repo root, the CPU defaults). The
+worker passes each argv, in order, to `training.cli.main`, the very function `python -m training`
+calls, and records its exit status and what it printed on stdout and on stderr. A run that fails
+after joining a process group (e.g. a refused optim.total_steps) should come last.
 """
 from __future__ import annotations
 
@@ -12,18 +15,33 @@ import contextlib
 import io
 import json
 import sys
+from pathlib import Path
 
-from training.cli import main
 
-if __name__ == "__main__":
-    runs, results = json.loads(open(sys.argv[1]).read()), {}
-    for name, argv in runs.items():
+def clip_train_runs(plan: dict[str, list[str]], root: Path) -> dict[str, dict]:
+    """Run every argv of `plan` in one worker process; {name: {"status", "stdout", "stderr"}}.
+    ROOT/runs.json and ROOT/results.json are the worker's input and output."""
+    from tests.helpers.torchrun import run_worker
+
+    (root / "runs.json").write_text(json.dumps(plan))
+    run_worker(__file__, root / "runs.json", root / "results.json")
+    return json.loads((root / "results.json").read_text())
+
+
+def main(runs_file: str, out_file: str) -> None:
+    from training.cli import main as clip_train
+
+    results = {}
+    for name, argv in json.loads(Path(runs_file).read_text()).items():
         stdout, stderr = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            status = main(argv)
+            status = clip_train(argv)
         results[name] = {"status": status, "stdout": stdout.getvalue(),
                          "stderr": stderr.getvalue()}
         sys.__stderr__.write(f"{name}: exit {status}\n{stdout.getvalue()[-2000:]}"
                              f"{stderr.getvalue()[-3000:]}\n")
-    with open(sys.argv[2], "w") as out:
-        json.dump(results, out)
+    Path(out_file).write_text(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

@@ -14,12 +14,10 @@ falls step after step):
 """
 from __future__ import annotations
 
-import json
-
 import pytest
 
+from tests.helpers.clip_train_runs import clip_train_runs
 from tests.helpers.embeddings import SET_NAME, make_embedding_set
-from tests.helpers.torchrun import run_worker
 from tests.helpers.trainer import TINY_DISTILL, read_metrics, step_losses, tiny_overrides
 from training.checkpoint import tag_for_step
 
@@ -52,10 +50,7 @@ def runs(tmp_path_factory):
         "missing_block": args("missing_block", ATTRIBUTION_PAIRED,
                               "loss.terms.intermediate.pairs={image: [[5, 3]]}"),
     }
-    (root / "runs.json").write_text(json.dumps(plan))
-    run_worker("tests/helpers/clip_train_runs.py", root / "runs.json",
-               root / "results.json")
-    return root, json.loads((root / "results.json").read_text())
+    return root, clip_train_runs(plan, root)
 
 
 def assert_terms_logged_and_falling(run_dir, terms):

@@ -3,8 +3,6 @@ schedule and the DeepSpeed config dict: everything that runs before a worker doe
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import open_clip
@@ -12,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from tests.helpers.clip_train_runs import clip_train_runs
 from training.accumulation import concat_outputs, with_live_micro_batch
 from training.config import ConfigError, TrainConfig, load_config, save_config
 from training.engine import deepspeed_config
@@ -116,21 +115,18 @@ def test_shipped_recipes_validate(recipe):
         assert cfg.optim.weight_decay == 0.2 and cfg.optim.grad_clip == 5.0
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "training", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
-
-
-def test_cli_bad_config_is_one_line_exit_2(minimal_yaml):
-    result = run_cli("--config", str(minimal_yaml), "deepspeed.zero_stage=4")
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    assert result.stderr.strip().count("\n") == 0
-    assert "override 'deepspeed.zero_stage=4': key deepspeed.zero_stage" in result.stderr
-    missing = run_cli("--config", "/nonexistent.yaml")
-    assert missing.returncode == 2 and "/nonexistent.yaml" in missing.stderr
-    checked = run_cli("--config", str(minimal_yaml), "--check", "seed=3")
-    assert checked.returncode == 0 and yaml.safe_load(checked.stdout)["seed"] == 3
+def test_cli_bad_config_is_one_line_exit_2(minimal_yaml, tmp_path):
+    results = clip_train_runs({  # `python -m training` thrice, in one process (imports paid once)
+        "bad": ["--config", str(minimal_yaml), "deepspeed.zero_stage=4"],
+        "missing": ["--config", "/nonexistent.yaml"],
+        "checked": ["--config", str(minimal_yaml), "--check", "seed=3"]}, tmp_path)
+    result, missing, checked = results["bad"], results["missing"], results["checked"]
+    assert result["status"] == 2
+    assert "Traceback" not in result["stderr"]
+    assert result["stderr"].strip().count("\n") == 0
+    assert "override 'deepspeed.zero_stage=4': key deepspeed.zero_stage" in result["stderr"]
+    assert missing["status"] == 2 and "/nonexistent.yaml" in missing["stderr"]
+    assert checked["status"] == 0 and yaml.safe_load(checked["stdout"])["seed"] == 3
 
 
 def test_param_groups_leave_gains_biases_and_scale_undecayed():

@@ -9,15 +9,15 @@ refused single-process resumes run through training.cli.main, one after another 
 process (tests/helpers/clip_train_runs.py: the imports are paid once)."""
 from __future__ import annotations
 
-import json
 import math
 import subprocess
 import sys
 
 import pytest
 
+from tests.helpers.clip_train_runs import clip_train_runs
 from tests.helpers.shards import make_synthetic_shards
-from tests.helpers.torchrun import REPO_ROOT, run_torchrun, run_worker
+from tests.helpers.torchrun import REPO_ROOT, run_torchrun
 from tests.helpers.trainer import TINY_DISTILL, read_metrics, tiny_overrides
 from training.optim import warmup_cosine_factor
 
@@ -58,13 +58,10 @@ def refused(finished_run, tmp_path_factory):
     with each changed setting, and with a shorter total_steps (last: it fails after the process
     group is up)."""
     run_dir, args = finished_run
-    root = tmp_path_factory.mktemp("refused")
     plan = {change: ["--config", TINY_DISTILL, *args, "optim.total_steps=4", change]
             for change in CHANGES}
     plan[SHORTER] = ["--config", TINY_DISTILL, *args, SHORTER]
-    (root / "runs.json").write_text(json.dumps(plan))
-    run_worker("tests/helpers/clip_train_runs.py", root / "runs.json", root / "results.json")
-    return json.loads((root / "results.json").read_text())
+    return clip_train_runs(plan, tmp_path_factory.mktemp("refused"))
 
 
 @pytest.mark.parametrize("change", CHANGES)

@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
-
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.helpers.clip_train_runs import clip_train_runs
 from tests.helpers.embeddings import SET_NAME, make_embedding_set, save_teacher
-from tests.helpers.trainer import REPO_ROOT, TINY_DISTILL, step_losses, tiny_overrides
+from tests.helpers.trainer import TINY_DISTILL, step_losses, tiny_overrides
 from training.checkpoint import tag_for_step
 from training.config import load_config
 from training.data import DataError, build_train_loader
@@ -32,13 +30,12 @@ def embedded(tmp_path_factory):
     return make_embedding_set(tmp_path_factory.mktemp("stored"))
 
 
-def train(embedded, run_dir, *extra, steps=3):
-    args = ["--config", TINY_DISTILL,
+def train_args(embedded, run_dir, *extra, steps=3) -> list[str]:
+    """`python -m training` arguments of a short run on the embedded shards."""
+    return ["--config", TINY_DISTILL,
             *tiny_overrides(embedded["train_shards"], run_dir, steps=steps),
             f"model.teacher_pretrained={embedded['teacher']}", "checkpoint.export_at_end=false",
             "optim.grad_accum_steps=2", *extra]
-    return subprocess.run([sys.executable, "-m", "training", *args], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=600)
 
 
 def stored(name=SET_NAME):
@@ -47,18 +44,22 @@ def stored(name=SET_NAME):
 
 @pytest.mark.slow
 def test_stored_embeddings_give_the_live_teachers_losses_and_resume_exactly(embedded, tmp_path):
-    live = train(embedded, tmp_path / "live", f"model.teacher_embeddings={SET_NAME}", steps=4)
-    assert live.returncode == 0, live.stdout[-2000:] + live.stderr[-2000:]
-    read = train(embedded, tmp_path / "stored", *stored(), "checkpoint.every_steps=2", steps=4)
-    assert read.returncode == 0, read.stdout[-2000:] + read.stderr[-2000:]
+    # Three `python -m training` runs in order in one process (the imports paid once): the live
+    # teacher, the stored set, and the stored run resumed at step 2 in a new run folder.
+    tag = tmp_path / "stored" / "checkpoints" / tag_for_step(2)
+    plan = {"live": train_args(embedded, tmp_path / "live", f"model.teacher_embeddings={SET_NAME}",
+                               steps=4),
+            "stored": train_args(embedded, tmp_path / "stored", *stored(),
+                                 "checkpoint.every_steps=2", steps=4),
+            "resumed": train_args(embedded, tmp_path / "resumed", *stored(),
+                                  f"checkpoint.resume={tag}", steps=4)}
+    for name, result in clip_train_runs(plan, tmp_path).items():
+        assert result["status"] == 0, (name, result["stdout"][-2000:] + result["stderr"][-2000:])
     live_losses, stored_losses = step_losses(tmp_path / "live"), step_losses(tmp_path / "stored")
     assert sorted(stored_losses) == [1, 2, 3, 4]
     for step, loss in live_losses.items():
         assert abs(stored_losses[step] - loss) < 1e-5, (step, loss, stored_losses[step])
     # Resumed at step 2 (a new run folder), the stored crops and captions drawn are the same.
-    tag = tmp_path / "stored" / "checkpoints" / tag_for_step(2)
-    resumed = train(embedded, tmp_path / "resumed", *stored(), f"checkpoint.resume={tag}", steps=4)
-    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     assert step_losses(tmp_path / "resumed") == {3: stored_losses[3], 4: stored_losses[4]}
 
 
