@@ -4,9 +4,9 @@ stderr and exit 2 before anything is built; a raised total_steps continues with 
 schedule (no zero-lr step).
 
 One 2-step ZeRO-1 run (the review's case: resuming it at ZeRO-0 used to end in DeepSpeed's
-AttributeError, at ZeRO-3 in an AssertionError, on 2 ranks in a ZeRORuntimeException). The
-refused single-process resumes run through training.cli.main, one after another in one worker
-process (tests/helpers/clip_train_runs.py: the imports are paid once)."""
+AttributeError, at ZeRO-3 in an AssertionError, on 2 ranks in a ZeRORuntimeException). That
+run and the refused single-process resumes run through training.cli.main, one after another in
+one worker process (tests/helpers/clip_train_runs.py: the imports are paid once)."""
 from __future__ import annotations
 
 import math
@@ -26,21 +26,8 @@ LR = 5e-4  # tiny_overrides' optim.lr
 
 
 def clip_train(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "training", "--config", TINY_DISTILL, *args],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("resume-changes")
-    shards = make_synthetic_shards(root / "shards", train=64, val=0, zeroshot=0,
-                                   samples_per_shard=32)
-    run_dir = root / "run"
-    args = tiny_overrides(shards["train_shards"], run_dir, steps=2) + [
-        "deepspeed.zero_stage=1", "checkpoint.resume=latest", "checkpoint.export_at_end=false"]
-    result = clip_train(args)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return run_dir, args
+    return subprocess.run([sys.executable, "-m", "training", *args], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=600)
 
 
 CHANGES = {  # the changed setting: how the refusal names the run's own
@@ -53,15 +40,33 @@ SHORTER = "optim.total_steps=1"
 
 
 @pytest.fixture(scope="module")
-def refused(finished_run, tmp_path_factory):
-    """{override: {"status", "stdout", "stderr"}} of `python -m training` resuming the finished run
-    with each changed setting, and with a shorter total_steps (last: it fails after the process
-    group is up)."""
-    run_dir, args = finished_run
-    plan = {change: ["--config", TINY_DISTILL, *args, "optim.total_steps=4", change]
-            for change in CHANGES}
-    plan[SHORTER] = ["--config", TINY_DISTILL, *args, SHORTER]
-    return clip_train_runs(plan, tmp_path_factory.mktemp("refused"))
+def runs(tmp_path_factory):
+    """The finished 2-step run, then `python -m training` resuming it with each changed setting
+    and with a shorter total_steps (last: it fails after the process group is up), in one
+    worker: (run_dir, its args, {override: {"status", "stdout", "stderr"}})."""
+    root = tmp_path_factory.mktemp("resume-changes")
+    shards = make_synthetic_shards(root / "shards", train=64, val=0, zeroshot=0,
+                                   samples_per_shard=32)
+    run_dir = root / "run"
+    args = ["--config", TINY_DISTILL, *tiny_overrides(shards["train_shards"], run_dir, steps=2),
+            "deepspeed.zero_stage=1", "checkpoint.resume=latest", "checkpoint.export_at_end=false"]
+    plan = {"finished": args,
+            **{change: [*args, "optim.total_steps=4", change] for change in CHANGES},
+            SHORTER: [*args, SHORTER]}
+    results = clip_train_runs(plan, root)
+    finished = results.pop("finished")
+    assert finished["status"] == 0, finished["stdout"][-3000:] + finished["stderr"][-3000:]
+    return run_dir, args, results
+
+
+@pytest.fixture(scope="module")
+def finished_run(runs):
+    return runs[:2]
+
+
+@pytest.fixture(scope="module")
+def refused(runs):
+    return runs[2]
 
 
 @pytest.mark.parametrize("change", CHANGES)
@@ -80,7 +85,7 @@ def test_world_size_that_cannot_keep_the_global_batch_is_one_line_exit_2(finishe
     """8 samples per step on 1 rank; 2 ranks of data.batch_size=8 would make 16 (2 ranks of 4
     continue it: tests/training/test_resume_world_size.py)."""
     run_dir, args = finished_run
-    result = run_torchrun(["-m", "training", "--config", TINY_DISTILL, *args,
+    result = run_torchrun(["-m", "training", *args,
                            "optim.total_steps=4"], nproc=2, check=False, timeout=300)
     assert result.returncode != 0  # torchrun's agent reports the ranks' exit 2 (its own trace)
     assert "training/" not in "".join(l for l in result.stdout.splitlines() if 'File "' in l)
