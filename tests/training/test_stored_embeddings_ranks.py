@@ -4,7 +4,8 @@ ZeRO-3 with gradient accumulation, against one process, and an exact resume.
 64 samples (4 shards, set "tiny", 2 stored crops each), a global batch of 16: 4 per micro-batch
 x 2 micro-batches x 2 ranks, or 4 x 4 micro-batches in the one process; the epoch's order has 4
 lanes in both (order.py), so every step trains on the same samples, crops and captions, and the
-per-step losses agree within 1e-5 relative.
+per-step losses agree within 1e-5 relative. The 2-rank runs (ZeRO-2, ZeRO-3, ZeRO-3 resumed)
+share one torchrun launch (tests/helpers/clip_train_runs.py).
 """
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.clip_train_runs import clip_train_runs
 from tests.helpers.embeddings import SET_NAME, make_embedding_set
-from tests.helpers.torchrun import run_torchrun, torchrun_env
+from tests.helpers.torchrun import torchrun_env
 from tests.helpers.trainer import REPO_ROOT, TINY_DISTILL, step_losses, tiny_overrides
 from training.checkpoint import tag_for_step
 
@@ -35,35 +37,46 @@ def overrides(embedded, run_dir: Path, accum: int, zero: int, *extra: str) -> li
             f"deepspeed.zero_stage={zero}", "checkpoint.export_at_end=false", *extra]
 
 
-def train(args: list[str], nproc: int) -> None:
-    if nproc == 1:
-        result = subprocess.run([sys.executable, "-m", "training", "--config", TINY_DISTILL, *args],
-                                cwd=REPO_ROOT, env=torchrun_env(), capture_output=True, text=True,
-                                timeout=600)
-        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    else:
-        run_torchrun(["-m", "training", "--config", TINY_DISTILL, *args], nproc=nproc, timeout=600)
+def train_one_process(args: list[str]) -> None:
+    result = subprocess.run([sys.executable, "-m", "training", "--config", TINY_DISTILL, *args],
+                            cwd=REPO_ROOT, env=torchrun_env(), capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
 
 
 @pytest.fixture(scope="module")
 def one_process(embedded, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("stored-one") / "run"
-    train(overrides(embedded, run_dir, accum=4, zero=0), nproc=1)
+    train_one_process(overrides(embedded, run_dir, accum=4, zero=0))
     losses = step_losses(run_dir)
     assert sorted(losses) == list(range(1, STEPS + 1))
     return losses
 
 
+@pytest.fixture(scope="module")
+def two_ranks(embedded, tmp_path_factory):
+    """One torchrun launch (2 ranks) running, in order: ZeRO-2, ZeRO-3, and the ZeRO-3 run
+    resumed from its step-2 checkpoint in a new run folder. Returns the root of the run folders."""
+    root = tmp_path_factory.mktemp("stored-two")
+    every = ["checkpoint.every_steps=2", "checkpoint.keep_last=3"]
+    tag = root / "zero3" / "checkpoints" / tag_for_step(2)
+    plan = {"zero2": overrides(embedded, root / "zero2", 2, 2, *every),
+            "zero3": overrides(embedded, root / "zero3", 2, 3, *every),
+            "zero3-resumed": overrides(embedded, root / "zero3-resumed", 2, 3,
+                                       f"checkpoint.resume={tag}")}
+    results = clip_train_runs({name: ["--config", TINY_DISTILL, *args]
+                               for name, args in plan.items()}, root, nproc=2)
+    for name, result in results.items():
+        assert result["status"] == 0, (name, result["stdout"][-2000:] + result["stderr"][-2000:])
+    return root
+
+
 @pytest.mark.parametrize("zero", [2, 3])
-def test_two_ranks_equal_one_process_and_resume_exactly(embedded, one_process, zero, tmp_path):
-    train(overrides(embedded, tmp_path / "run", 2, zero, "checkpoint.every_steps=2",
-                    "checkpoint.keep_last=3"), nproc=2)
-    losses = step_losses(tmp_path / "run")
+def test_two_ranks_equal_one_process_and_resume_exactly(one_process, two_ranks, zero):
+    losses = step_losses(two_ranks / f"zero{zero}")
     assert sorted(losses) == list(range(1, STEPS + 1))
     for step, loss in one_process.items():
         assert losses[step] == pytest.approx(loss, rel=1e-5), (zero, step)
     if zero != 3:
         return  # the resume is checked once, at the stage that partitions the most
-    tag = tmp_path / "run" / "checkpoints" / tag_for_step(2)
-    train(overrides(embedded, tmp_path / "resumed", 2, zero, f"checkpoint.resume={tag}"), nproc=2)
-    assert step_losses(tmp_path / "resumed") == {3: losses[3], 4: losses[4]}
+    assert step_losses(two_ranks / "zero3-resumed") == {3: losses[3], 4: losses[4]}
