@@ -2,13 +2,17 @@
 RUN_DIR/keys-rank<r>.jsonl, one line per step {"step", "epoch", "keys"} (the keys of the step's
 micro-batches as this rank's loader delivered them). For tests/training/test_resume_world_size.py.
 
-    torchrun --nproc_per_node 2 tests/training/resume_world_worker.py --config ... key=value ...
+    torchrun --nproc_per_node 2 tests/training/resume_world_worker.py RUNS.json
+
+RUNS.json: a list of runs, each [config, key=value, ...], trained one after another in this
+launch (the imports and the process start paid once).
 """
 from __future__ import annotations
 
 import json
 import os
 import sys
+from pathlib import Path
 
 from training.cli import setup_logging
 from training.config import load_config
@@ -28,4 +32,5 @@ class KeyRecordingTrainer(Trainer):
 
 if __name__ == "__main__":
     setup_logging()
-    KeyRecordingTrainer(load_config(sys.argv[2], sys.argv[3:])).train()
+    for config, *overrides in json.loads(Path(sys.argv[1]).read_text()):
+        KeyRecordingTrainer(load_config(config, overrides)).train()

@@ -8,7 +8,8 @@ Every step's samples are recorded from the loader (resume_world_worker.py). Asse
 96 samples each trained exactly once across the interrupted runs, each step on the samples the
 uninterrupted run used, and the per-step losses equal the uninterrupted run's within 1e-5
 relative (the global order does not depend on the world size, so the reference at either world
-size is the same run; at ZeRO-1 an uninterrupted 1-rank run shows that too).
+size is the same run; at ZeRO-1 an uninterrupted 1-rank run shows that too). Runs of the same
+world size share a launch: 3 torchrun launches for both stages.
 """
 from __future__ import annotations
 
@@ -24,14 +25,21 @@ from tests.helpers.trainer import TINY_DISTILL, read_metrics, step_losses, tiny_
 
 pytestmark = pytest.mark.slow
 STEPS, PER_EPOCH, SAMPLES = 8, 6, 96
+ZEROS = (1, 3)
 WORKER = "tests/training/resume_world_worker.py"
 
 
-def train(run_dir: Path, shards: str, nproc: int, zero: int) -> None:
-    args = tiny_overrides(shards, run_dir, steps=STEPS) + [
-        f"deepspeed.zero_stage={zero}", "checkpoint.resume=latest", "checkpoint.every_steps=3",
-        "checkpoint.keep_last=5", "checkpoint.export_at_end=false"]
-    run_torchrun([WORKER, "--config", TINY_DISTILL, *args], nproc=nproc, timeout=600)
+def args(run_dir: Path, shards: str, zero: int) -> list[str]:
+    return [TINY_DISTILL, *tiny_overrides(shards, run_dir, steps=STEPS),
+            f"deepspeed.zero_stage={zero}", "checkpoint.resume=latest", "checkpoint.every_steps=3",
+            "checkpoint.keep_last=5", "checkpoint.export_at_end=false"]
+
+
+def train(runs: list[list[str]], nproc: int, root: Path) -> None:
+    """Train `runs` ([config, key=value, ...] each) one after another in one torchrun launch."""
+    plan = root / f"launch-{len(list(root.glob('launch-*.json')))}.json"
+    plan.write_text(json.dumps(runs))
+    run_torchrun([WORKER, plan], nproc=nproc, timeout=900)
 
 
 def resume_copy(source: Path, target: Path, tag: str) -> None:
@@ -60,15 +68,30 @@ def shards(tmp_path_factory):
                                  zeroshot=0, samples_per_shard=16)
 
 
-@pytest.fixture(scope="module", params=[1, 3], ids=["zero1", "zero3"])
-def runs(request, shards, tmp_path_factory):
-    zero, root = request.param, tmp_path_factory.mktemp(f"elastic-zero{request.param}")
-    train(root / "ref", shards["train_shards"], nproc=2, zero=zero)
-    resume_copy(root / "ref", root / "to1", "step-00000003")
-    train(root / "to1", shards["train_shards"], nproc=1, zero=zero)
-    resume_copy(root / "to1", root / "to2", "step-00000006")
-    train(root / "to2", shards["train_shards"], nproc=2, zero=zero)
-    return {"zero": zero, **{name: root / name for name in ("ref", "to1", "to2")}}
+@pytest.fixture(scope="module")
+def all_runs(shards, tmp_path_factory):
+    """Both stages' runs in 3 launches: the references (2 ranks), the 2->1 resumes and ZeRO-1's
+    uninterrupted 1-rank run (1 rank), the 1->2 resumes (2 ranks)."""
+    root, train_shards = tmp_path_factory.mktemp("elastic"), shards["train_shards"]
+    dirs = {zero: {name: root / f"zero{zero}" / name for name in ("ref", "to1", "to2")}
+            for zero in ZEROS}
+    train([args(dirs[zero]["ref"], train_shards, zero) for zero in ZEROS], nproc=2, root=root)
+    for zero in ZEROS:
+        resume_copy(dirs[zero]["ref"], dirs[zero]["to1"], "step-00000003")
+    one_rank = root / "zero1" / "one-rank"
+    train([*(args(dirs[zero]["to1"], train_shards, zero) for zero in ZEROS),
+           [TINY_DISTILL, *tiny_overrides(train_shards, one_rank, steps=STEPS),
+            "optim.grad_accum_steps=2", "deepspeed.zero_stage=1",
+            "checkpoint.export_at_end=false"]], nproc=1, root=root)
+    for zero in ZEROS:
+        resume_copy(dirs[zero]["to1"], dirs[zero]["to2"], "step-00000006")
+    train([args(dirs[zero]["to2"], train_shards, zero) for zero in ZEROS], nproc=2, root=root)
+    return {zero: {"zero": zero, **dirs[zero]} for zero in ZEROS} | {"one_rank": one_rank}
+
+
+@pytest.fixture(scope="module", params=ZEROS, ids=["zero1", "zero3"])
+def runs(request, all_runs):
+    return all_runs[request.param]
 
 
 def test_losses_after_each_resume_equal_the_uninterrupted_run(runs):
@@ -107,14 +130,10 @@ def test_the_resumed_runs_record_their_world_and_drop_the_conversion_and_lock(ru
         assert read_metrics(runs[name])[-1]["step"] == STEPS
 
 
-def test_an_uninterrupted_run_on_one_rank_equals_the_two_rank_run(runs, shards, tmp_path):
+def test_an_uninterrupted_run_on_one_rank_equals_the_two_rank_run(runs, all_runs):
     if runs["zero"] != 1:
         pytest.skip("one reference run at ZeRO-1 is enough")
-    run_torchrun([WORKER, "--config", TINY_DISTILL,
-                  *tiny_overrides(shards["train_shards"], tmp_path, steps=STEPS),
-                  "optim.grad_accum_steps=2", "deepspeed.zero_stage=1",
-                  "checkpoint.export_at_end=false"], nproc=1, timeout=600)
-    one, two = step_losses(tmp_path), step_losses(runs["ref"])
+    one, two = step_losses(all_runs["one_rank"]), step_losses(runs["ref"])
     assert sorted(one) == sorted(two)
     for step in one:
         assert one[step] == pytest.approx(two[step], rel=1e-5), step
