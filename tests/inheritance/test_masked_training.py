@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from tests.helpers.clip_train_runs import clip_train_runs
 from tests.helpers.inheritance import model
 from tests.helpers.shards import make_synthetic_shards
 from tests.helpers.trainer import probe_batch, read_metrics, tiny_overrides
@@ -114,12 +115,6 @@ def test_eval_gates_drop_the_expected_number_of_units():
     assert (gate.deterministic()[1, :50] == 0).all() and (gate.deterministic()[1, 50:] > 0).all()
 
 
-def _train(overrides):
-    result = subprocess.run([sys.executable, "-m", "training", "--config", TINY_MASKED,
-                             *overrides], capture_output=True, text=True, timeout=400)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-
-
 def _masked_from_checkpoint(run_dir):
     tag_dir = os.path.join(run_dir, "checkpoints", read_latest(os.path.join(run_dir, "checkpoints")))
     state = DistillationTask.student_state(read_module_state(tag_dir))
@@ -136,7 +131,15 @@ def test_masked_run_learns_sparsity_exports_pruned_and_resumes_exactly(tmp_path)
     overrides = tiny_overrides(shards["train_shards"], run_dir, steps=30) + [
         "model.mask.warmup_steps=10", "model.mask.lr=0.3", "deepspeed.zero_stage=1",
         "model.teacher_pretrained=null", "checkpoint.every_steps=20"]
-    _train(overrides)
+    # the run, then it resumed from step 20 in a fresh run dir: `python -m training` twice in
+    # one worker process (the imports paid once)
+    resumed = tmp_path / "resumed"
+    results = clip_train_runs({
+        "run": ["--config", TINY_MASKED, *overrides],
+        "resumed": ["--config", TINY_MASKED, *overrides, f"run_dir={resumed}",
+                    f"checkpoint.resume={run_dir / 'checkpoints' / 'step-00000020'}"]}, tmp_path)
+    for name, result in results.items():
+        assert result["status"] == 0, (name, result["stdout"][-2000:] + result["stderr"][-2000:])
 
     records = [r for r in read_metrics(run_dir) if "mask/expected_sparsity" in r]
     assert [r["step"] for r in records] == list(range(1, 31))
@@ -174,11 +177,8 @@ def test_masked_run_learns_sparsity_exports_pruned_and_resumes_exactly(tmp_path)
     assert torch.allclose(text_features, want["text_features"], atol=1e-5)
     assert sum(p.numel() for p in pruned.parameters()) < 0.97 * full
 
-    # resume from step 20 in a fresh run dir: steps 21-30 repeat exactly (gates, multipliers,
+    # resumed from step 20 in a fresh run dir: steps 21-30 repeat exactly (gates, multipliers,
     # their optimizer state and the gate noise's RNG all come back)
-    resumed = tmp_path / "resumed"
-    _train(overrides + [f"run_dir={resumed}",
-                        f"checkpoint.resume={run_dir / 'checkpoints' / 'step-00000020'}"])
     again = {r["step"]: r for r in read_metrics(resumed) if "mask/expected_sparsity" in r}
     assert sorted(again) == list(range(21, 31))
     for r in records[20:]:
