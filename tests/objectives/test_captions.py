@@ -4,8 +4,6 @@ trainer run with the new terms, schedules and balancing that resumes exactly."""
 import json
 import random
 import re
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -13,8 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.helpers.clip_train_runs import clip_train_runs
 from tests.helpers.embeddings import SET_NAME, make_embedding_set
-from tests.helpers.trainer import REPO_ROOT, TINY_DISTILL, read_metrics, step_losses, tiny_overrides
+from tests.helpers.trainer import TINY_DISTILL, read_metrics, step_losses, tiny_overrides
 from training.accumulation import with_live_micro_batch
 from training.checkpoint import tag_for_step
 from training.config import load_config
@@ -121,15 +120,13 @@ def test_feature_cached_accumulation_with_k2_gives_the_full_batch_gradient():
         assert torch.allclose(a, b, atol=1e-6)
 
 
-def train(embedded, run_dir, *extra, steps=4):
-    args = ["--config", TINY_DISTILL, *tiny_overrides(embedded["train_shards"], run_dir, steps=steps),
+def train_args(embedded, run_dir, *extra, steps=4) -> list[str]:
+    return ["--config", TINY_DISTILL, *tiny_overrides(embedded["train_shards"], run_dir, steps=steps),
             f"model.teacher_pretrained={embedded['teacher']}", "checkpoint.export_at_end=false",
             "optim.grad_accum_steps=2", f"data.captions_per_image={K}", "loss.affinity_weight=null",
             "loss.fixed_logit_scale=null", "loss.balance=loss_ratio",
             "loss.terms.affinity.weight=1.0", "loss.terms.clip.weight={kind: steps, boundaries: [2], values: [0.0, 1.0]}",
             "loss.terms.tempkd.learned=true", "loss.terms.interactive.weight=0.5", *extra]
-    return subprocess.run([sys.executable, "-m", "training", *args], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.slow
@@ -137,8 +134,14 @@ def test_k2_run_with_learned_temperature_and_loss_ratio_balancing_resumes_exactl
     """The learned temperature is a task head (the module's state dict), the loss-ratio
     references a checkpoint part: a run resumed at step 2 logs the uninterrupted run's values.
     (Uncertainty weighting's log-variances are a task head like the temperature.)"""
-    full = train(embedded, tmp_path / "full", "checkpoint.every_steps=2")
-    assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
+    tag = tmp_path / "full" / "checkpoints" / tag_for_step(2)
+    results = clip_train_runs({  # `python -m training` twice, in one process (imports paid once)
+        "full": train_args(embedded, tmp_path / "full", "checkpoint.every_steps=2"),
+        "resumed": train_args(embedded, tmp_path / "resumed", f"checkpoint.resume={tag}")},
+        tmp_path)
+    for name, result in results.items():
+        assert result["status"] == 0, (name, result["stdout"][-3000:] + result["stderr"][-3000:])
+    full = results["full"]
     records = [r for r in read_metrics(tmp_path / "full") if "loss" in r]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     for r in records:  # every term and its effective weight, by name, without a hand-kept list
@@ -149,11 +152,8 @@ def test_k2_run_with_learned_temperature_and_loss_ratio_balancing_resumes_exactl
     clip = step_losses(tmp_path / "full", "clip")  # clip is weighted from step index 2 on:
     assert records[-1]["weight_clip"] == pytest.approx(1.0 / clip[3], rel=1e-5)  # its reference
     assert records[0]["weight_affinity"] == pytest.approx(1.0 / records[0]["affinity"], rel=1e-5)
-    console = full.stderr + full.stdout  # the console line names every term too
+    console = full["stderr"] + full["stdout"]  # the console line names every term too
     assert re.search(r"step 4/4 \| loss [-\d.]+ (\w+ [-\d.]+ )*tempkd [-\d.]+ .*\| lr", console)
-    tag = tmp_path / "full" / "checkpoints" / tag_for_step(2)
-    resumed = train(embedded, tmp_path / "resumed", f"checkpoint.resume={tag}")
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     for key in ("loss", "tempkd", "weight_clip", "tempkd_temperature"):
         expected = {s: v for s, v in step_losses(tmp_path / "full", key).items() if s > 2}
         assert step_losses(tmp_path / "resumed", key) == expected, key
