@@ -79,7 +79,7 @@ class Scale:
 
 
 FULL = Scale(train=4000, val=200, zeroshot=240, samples_per_shard=1000, batch=64,
-             teacher_steps=250, teacher_lr=1e-3, student_steps=150, student_lr=1e-3,
+             teacher_steps=600, teacher_lr=1e-3, student_steps=300, student_lr=1e-3,
              inherited_lr=2e-3, eval_every=25)
 QUICK = Scale(train=256, val=32, zeroshot=48, samples_per_shard=128, batch=16,
               teacher_steps=4, teacher_lr=1e-3, student_steps=4, student_lr=1e-3,
