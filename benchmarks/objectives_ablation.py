@@ -31,10 +31,11 @@ sys.path.insert(0, str(ROOT))
 
 from training.demo import FULL, Demo, StepFailed, mean_recall  # noqa: E402
 
-# Every variant starts from configs/tiny-distill.yaml with the shorthand terms off and the
-# models' own logit scales, then names its terms in loss.terms.
-NO_SHORTHAND = ["loss.affinity_weight=0", "loss.clip_weight=0", "loss.feature_weight=0",
-                "loss.fixed_logit_scale=null"]
+# Every variant starts from configs/tiny-distill.yaml with a random init (the recipe's
+# inherited init would hide what each term does), the shorthand terms off and the models' own
+# logit scales, then names its terms in loss.terms.
+NO_SHORTHAND = ["model.student_init=null", "loss.affinity_weight=0", "loss.clip_weight=0",
+                "loss.feature_weight=0", "loss.fixed_logit_scale=null"]
 # [student block, teacher block]: the student's last of 2 blocks mimics the teacher's last of 4
 BLOCKS = "{pairs: {image: [[1, 3]], text: [[1, 3]]}, kind: mse}"
 RECOMMENDED = "clip: {}, feature: {kind: cosine}, interactive: {}"
