@@ -1,12 +1,14 @@
 """The objective's terms, one at a time and combined, on the demo's synthetic set (issue 12).
 
     python benchmarks/objectives_ablation.py [--out runs/objectives-ablation] [--seeds 0 1 2]
-        [--variants scratch affinity ...] [--jobs 2] [--teacher-steps 250] [--from-demo runs/demo]
+        [--variants scratch affinity ...] [--jobs 2] [--teacher-steps 600] [--student-steps 150]
+        [--from-demo runs/demo]
 
 The demo's data and teacher (training/demo.py's FULL scale: 4000 train / 200 val with 5 captions
 / 240 zero-shot images; Tiny-ViT-Teacher, contrastive only, batch 64, lr 1e-3), the teacher
-trained once and reused by every run; then Tiny-ViT-Student for the demo's student steps (150
-of 64, lr 1e-3), one process each (not torchrun), per variant and seed; each evaluated by
+trained once and reused by every run; then Tiny-ViT-Student from a random init for the demo's
+student steps of 64 unless --student-steps says (docs/objectives.md: 150), lr 1e-3, one process
+each (not torchrun), per variant and seed; each evaluated by
 `clip-eval eval` (val retrieval, zero-shot top-1). The steps are the demo's own (`Demo.make_data`,
 `Demo.train`); a run whose done.json / eval json exists is skipped, so the script resumes and
 more seeds or variants can be added later. Prints (and writes OUT/ablation.md) the mean and the
